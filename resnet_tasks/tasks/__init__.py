@@ -1,0 +1,1 @@
+"""LightningModules, one per task, on a shared base (backbone, weights, optimisation)."""

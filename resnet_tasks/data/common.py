@@ -1,0 +1,226 @@
+"""What every data module shares: image/mask reading, DDP-aware samplers and the data module base."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import cv2
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Sampler
+
+from resnet_tasks.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+# OpenCV's own thread pool fights the DataLoader's worker processes for the same cores.
+cv2.setNumThreads(0)
+
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as an HxWx3 uint8 RGB array; a corrupt or unreadable file raises UserError.
+
+    OpenCV decodes JPEGs with libjpeg-turbo and gives the same pixels as PIL at a lower cost
+    (see `benchmarks/decode.py`); PIL is the fallback for formats OpenCV rejects.
+    """
+    path = Path(path)
+    data = None
+    try:
+        buffer = np.fromfile(path, dtype=np.uint8)
+    except OSError as error:
+        raise UserError(f"Cannot read image {path}: {error.strerror or error}. Check the path exists.") from None
+    if buffer.size:
+        data = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+    if data is None:
+        try:
+            with Image.open(path) as image:
+                image.load()
+                return np.asarray(image.convert("RGB"))
+        except Exception as error:  # PIL raises many types for broken files
+            raise UserError(
+                f"Corrupt or unreadable image {path} ({type(error).__name__}: {error}). "
+                "Re-download or remove the file."
+            ) from None
+    return cv2.cvtColor(data, cv2.COLOR_BGR2RGB)
+
+
+def read_mask(path: str | Path) -> np.ndarray:
+    """Read a label PNG as an HxW uint8 array of class indices (palette indices, never converted to colour)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as mask:
+            if mask.mode not in ("P", "L"):
+                raise UserError(
+                    f"Mask {path} has mode {mask.mode!r}; expected a palette ('P') or grayscale ('L') PNG "
+                    "whose pixel values are class indices (255 = ignore)."
+                )
+            return np.asarray(mask, dtype=np.uint8).copy()
+    except UserError:
+        raise
+    except Exception as error:
+        raise UserError(f"Corrupt or unreadable mask {path} ({type(error).__name__}: {error}).") from None
+
+
+def list_images(folder: str | Path) -> list[Path]:
+    """All image files directly inside `folder`, sorted; UserError when the folder is missing or empty."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"Image folder {folder} does not exist. Point --data.predict_path at a folder of images.")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not files:
+        raise UserError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}.")
+    return files
+
+
+def distributed_rank_and_size() -> tuple[int, int]:
+    """This process's rank and the world size (0, 1 outside torch.distributed)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+class EvalShardSampler(Sampler[int]):
+    """Evaluation order: rank r takes indices r, r+W, r+2W, ... with no padding, so every image counts once."""
+
+    def __init__(self, dataset_len: int) -> None:
+        self.dataset_len = dataset_len
+        self.rank, self.world_size = distributed_rank_and_size()
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(range(self.rank, self.dataset_len, self.world_size))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.dataset_len, self.world_size))
+
+
+class TrainSampler(Sampler[int]):
+    """Training order: a seeded permutation per epoch, split evenly across DDP ranks (padded by wrap-around).
+
+    Lightning calls `set_epoch` at each epoch start, so every epoch sees a new, reproducible order.
+    """
+
+    def __init__(self, dataset_len: int, shuffle: bool = True, seed: int = 0) -> None:
+        self.dataset_len = dataset_len
+        self.shuffle = shuffle
+        self.seed = seed
+        self.epoch = 0
+        self.rank, self.world_size = distributed_rank_and_size()
+        self.num_samples = math.ceil(dataset_len / self.world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def indices(self) -> list[int]:
+        """This rank's indices for the current epoch."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.dataset_len, generator=generator).tolist()
+        else:
+            order = list(range(self.dataset_len))
+        total = self.num_samples * self.world_size
+        order += order[: total - len(order)]
+        return order[self.rank : total : self.world_size]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices())
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+
+def worker_init(worker_id: int) -> None:
+    """Per-worker setup: keep OpenCV single-threaded inside DataLoader workers."""
+    cv2.setNumThreads(0)
+
+
+def default_num_workers() -> int:
+    """A sensible DataLoader worker count for this machine (cores - 1, at most 8)."""
+    return max(0, min(8, (os.cpu_count() or 1) - 1))
+
+
+class BaseDataModule(L.LightningDataModule):
+    """Fields and loader plumbing shared by the classification, detection and segmentation data modules.
+
+    Subclasses set `num_classes` and `class_names` in `__init__` (the CLI links `data.num_classes` to
+    `model.num_classes` right after instantiation) and implement the `*_dataset()` builders.
+    """
+
+    num_classes: int | None = None
+    class_names: list[str]
+    label_to_category_id: list[int] | None = None
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 32,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        predict_path: str | None = None,
+        pin_memory: bool = True,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.root = Path(root) if root is not None else None
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.num_workers = num_workers
+        self.predict_path = predict_path
+        self.pin_memory = pin_memory
+        self.seed = seed
+        self.class_names = []
+
+    def require_root(self) -> Path:
+        """The dataset root; UserError when it was not given or does not exist."""
+        if self.root is None:
+            raise UserError(
+                f"{type(self).__name__} needs a dataset: pass --data.root DIR (or --data.predict_path DIR to "
+                "predict on a folder of images)."
+            )
+        if not self.root.is_dir():
+            raise UserError(f"Dataset root {self.root} does not exist. Check --data.root.")
+        return self.root
+
+    def loader(
+        self,
+        dataset: torch.utils.data.Dataset,
+        *,
+        train: bool,
+        collate_fn=None,
+        batch_sampler: Sampler | None = None,
+    ) -> torch.utils.data.DataLoader:
+        """A DataLoader with our DDP-aware samplers (the CLI turns off Lightning's sampler replacement)."""
+        common = dict(
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory and torch.cuda.is_available(),
+            collate_fn=collate_fn,
+            worker_init_fn=worker_init,
+            persistent_workers=self.num_workers > 0 and train,
+        )
+        if batch_sampler is not None:
+            return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **common)
+        if train:
+            sampler: Sampler[int] = TrainSampler(len(dataset), shuffle=True, seed=self.seed)
+            return torch.utils.data.DataLoader(
+                dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True, **common
+            )
+        return torch.utils.data.DataLoader(
+            dataset, batch_size=self.eval_batch_size, sampler=EvalShardSampler(len(dataset)), **common
+        )
+
+
+def check_file(path: Path, what: str, hint: str) -> Path:
+    """Return `path` if it exists, else raise UserError naming it, what it is and how to fix it."""
+    if not path.exists():
+        raise UserError(f"Missing {what}: {path}. {hint}")
+    return path
+
+
+def stems_from_list(path: Path) -> Sequence[str]:
+    """Non-empty stripped lines of an ImageSets-style list file."""
+    check_file(path, "image list", "Check the dataset layout (see data/README.md).")
+    return [line.split()[0] for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,320 @@
+"""The LightningModule base all three tasks share: backbone from config, pretrained weights, optimisation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import lightning as L
+import torch
+from torch import nn
+
+from resnet_tasks.backbones import build_backbone, load_state_dict_into, load_weights_spec
+from resnet_tasks.errors import UserError
+
+CHECKPOINT_KEY = "resnet_tasks"
+
+
+@dataclass
+class BackboneConfig:
+    """The `backbone` config group, the same for every task (`--model.backbone.name resnet18`)."""
+
+    name: str = "resnet50"
+    weights: str | None = None
+    frozen_stages: int = 0
+    norm: Literal["bn", "frozen_bn", "sync_bn", "gn"] = "bn"
+    output_stride: int | None = None
+    shortcut: bool | None = None
+    zero_init_residual: bool = False
+
+
+@dataclass
+class OptimizerConfig:
+    """The `optimizer` config group: SGD or AdamW, weight decay rules and the backbone LR multiplier."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    norm_weight_decay: float | None = 0.0
+    backbone_lr_mult: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class SchedulerConfig:
+    """The `scheduler` config group: linear warmup, then constant / cosine / multistep / poly decay.
+
+    `interval: step` updates the LR every optimizer step (milestones stay in epochs); `warmup_steps`
+    counts scheduler updates (steps or epochs, following `interval`).
+    """
+
+    name: Literal["constant", "cosine", "multistep", "poly"] = "cosine"
+    interval: Literal["step", "epoch"] = "step"
+    warmup_steps: int = 0
+    warmup_factor: float = 0.001
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    power: float = 0.9
+    min_lr: float = 0.0
+
+
+def _as_config(value: Any, cls: type) -> Any:
+    """Accept a dataclass instance, a dict (from a checkpoint's hyper-parameters) or None (the defaults)."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise UserError(f"Unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(known)}.")
+        return cls(**value)
+    if dataclasses.is_dataclass(value):
+        return cls(**dataclasses.asdict(value))
+    raise UserError(f"Expected a mapping for {cls.__name__}, got {value!r}.")
+
+
+class ScheduleFactor:
+    """LR multiplier as a function of the scheduler step: linear warmup, then the main decay.
+
+    A callable object (not a closure) so LambdaLR can save and restore it in checkpoints.
+    """
+
+    def __init__(self, config: SchedulerConfig, total_steps: int, steps_per_epoch: float, base_lr: float) -> None:
+        self.name = config.name
+        self.warmup_steps = config.warmup_steps
+        self.warmup_factor = config.warmup_factor
+        self.milestones = [round(m * steps_per_epoch) for m in config.milestones]
+        self.gamma = config.gamma
+        self.power = config.power
+        self.min_factor = config.min_lr / base_lr if base_lr > 0 else 0.0
+        self.total_steps = max(1, total_steps)
+
+    def __call__(self, step: int) -> float:
+        factor = 1.0
+        if step < self.warmup_steps:
+            alpha = step / self.warmup_steps
+            factor = self.warmup_factor * (1 - alpha) + alpha
+        progress = min(1.0, step / self.total_steps)
+        if self.name == "cosine":
+            decay = self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+        elif self.name == "poly":
+            decay = self.min_factor + (1 - self.min_factor) * (1 - progress) ** self.power
+        elif self.name == "multistep":
+            decay = self.gamma ** sum(step >= m for m in self.milestones)
+        else:
+            decay = 1.0
+        return factor * decay
+
+
+def _is_no_decay(module: nn.Module, param_name: str) -> bool:
+    """Normalisation parameters and biases: the ones the references exclude from weight decay."""
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+    return isinstance(module, norm_types) or param_name == "bias"
+
+
+class TaskBase(L.LightningModule):
+    """Backbone construction, pretrained weights, class names, optimiser and schedule for every task."""
+
+    task_name: ClassVar[str] = ""
+    main_metric: ClassVar[str] = ""
+    default_backbone_options: ClassVar[dict[str, Any]] = {}
+    # Consecutive optimizer steps with a non-finite loss tolerated before training stops.
+    max_consecutive_bad_steps: ClassVar[int] = 10
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        backbone: BackboneConfig | None = None,
+        optimizer: OptimizerConfig | None = None,
+        scheduler: SchedulerConfig | None = None,
+        weights: str | None = None,
+    ) -> None:
+        super().__init__()
+        self.backbone_config: BackboneConfig = _as_config(backbone, BackboneConfig)
+        self.optimizer_config: OptimizerConfig = _as_config(optimizer, OptimizerConfig)
+        self.scheduler_config: SchedulerConfig = _as_config(scheduler, SchedulerConfig)
+        self.weights = weights
+        self.num_classes = num_classes
+        self.class_names: list[str] = []
+        self.label_to_category_id: list[int] | None = None
+        # Set by the CLI when a run resumes from --ckpt_path: the checkpoint supersedes pretrained weights.
+        self.skip_pretrained_weights = False
+        self._pretrained_loaded = False
+        self._restored_from_checkpoint = False
+        self._bad_steps = 0
+
+    # ----------------------------------------------------------------- hyper-parameters
+    def save_task_hyperparameters(self, **extra_ignore: Any) -> None:
+        """Save the subclass's init arguments, with the config groups stored as plain dicts.
+
+        Plain dicts keep checkpoints loadable with `torch.load(weights_only=True)`.
+        """
+        self.save_hyperparameters(ignore=list(extra_ignore))
+        for key, config in (
+            ("backbone", self.backbone_config),
+            ("optimizer", self.optimizer_config),
+            ("scheduler", self.scheduler_config),
+        ):
+            self.hparams[key] = dataclasses.asdict(config)
+            self._hparams_initial[key] = dataclasses.asdict(config)
+        self.hparams["optimizer"]["betas"] = list(self.optimizer_config.betas)
+        self._hparams_initial["optimizer"]["betas"] = list(self.optimizer_config.betas)
+
+    # ----------------------------------------------------------------- backbone and weights
+    def build_backbone(self, **task_defaults: Any) -> nn.Module:
+        """The shared backbone from the `backbone` group; the task's defaults fill unset options.
+
+        Backbone weights are loaded later, in `setup`, unless a checkpoint supersedes them.
+        """
+        cfg = self.backbone_config
+        options: dict[str, Any] = dict(task_defaults)
+        options.update(frozen_stages=cfg.frozen_stages, norm=cfg.norm, zero_init_residual=cfg.zero_init_residual)
+        if cfg.output_stride is not None:
+            options["output_stride"] = cfg.output_stride
+        if cfg.shortcut is not None:
+            options["shortcut"] = cfg.shortcut
+        return build_backbone(cfg.name, None, **options)
+
+    def backbone_module(self) -> nn.Module:
+        """The backbone inside this task (for the LR multiplier and backbone-only weights)."""
+        raise NotImplementedError
+
+    def load_model_weights(self, state_dict: dict[str, torch.Tensor], meta: dict[str, Any], source: str) -> None:
+        """Load whole-model weights (backbone + neck + head); each task maps its own key layout."""
+        raise NotImplementedError
+
+    def load_pretrained(self) -> None:
+        """Load `weights` (whole model) or else `backbone.weights` (backbone only), once."""
+        if self._pretrained_loaded or self.skip_pretrained_weights or self._restored_from_checkpoint:
+            return
+        self._pretrained_loaded = True
+        if self.weights:
+            state_dict, meta = load_weights_spec(self.weights)
+            self.load_model_weights(state_dict, meta, self.weights)
+        elif self.backbone_config.weights:
+            from resnet_tasks.backbones import extract_backbone_state_dict
+
+            state_dict, _ = load_weights_spec(self.backbone_config.weights)
+            backbone = self.backbone_module()
+            part = extract_backbone_state_dict(state_dict, backbone)
+            load_state_dict_into(backbone, part, source=self.backbone_config.weights, what="backbone")
+
+    def setup(self, stage: str) -> None:
+        self.load_pretrained()
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        if datamodule is not None and not self.class_names:
+            self.class_names = list(getattr(datamodule, "class_names", []) or [])
+            mapping = getattr(datamodule, "label_to_category_id", None)
+            self.label_to_category_id = list(mapping) if mapping is not None else None
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "task": self.task_name,
+            "class_names": list(self.class_names),
+            "label_to_category_id": self.label_to_category_id,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        info = checkpoint.get(CHECKPOINT_KEY, {})
+        task = info.get("task")
+        if task and task != self.task_name:
+            raise UserError(
+                f"This checkpoint was written by the {task} task; load it with its own task class, or use it "
+                f"as backbone weights (--model.backbone.weights) for {self.task_name}."
+            )
+        self.class_names = list(info.get("class_names") or [])
+        self.label_to_category_id = info.get("label_to_category_id")
+        self._restored_from_checkpoint = True
+
+    # ----------------------------------------------------------------- training step plumbing
+    def training_losses(self, batch: Any) -> dict[str, torch.Tensor]:
+        """The named loss terms for one training batch (summed into the optimised loss)."""
+        raise NotImplementedError
+
+    def batch_size_of(self, batch: Any) -> int:
+        """Number of images in `batch` (for logging averages)."""
+        raise NotImplementedError
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        losses = self.training_losses(batch)
+        bad = [name for name, value in losses.items() if not torch.isfinite(value.detach()).all()]
+        if bad:
+            self._bad_steps += 1
+            message = (
+                f"Non-finite loss term(s) {bad} at step {self.global_step} "
+                f"({self._bad_steps} consecutive); skipping this step."
+            )
+            if self._bad_steps >= self.max_consecutive_bad_steps:
+                raise UserError(
+                    f"Training diverged: loss term(s) {bad} were non-finite for {self._bad_steps} consecutive "
+                    "steps. Lower --model.optimizer.lr, add warmup (--model.scheduler.warmup_steps), or use "
+                    "bf16-mixed instead of 16-mixed precision."
+                )
+            self.print(message)
+            return None
+        self._bad_steps = 0
+        loss = sum(losses.values())
+        size = self.batch_size_of(batch)
+        if len(losses) > 1:
+            for name, value in losses.items():
+                self.log(f"train/{name}", value.detach(), batch_size=size)
+        self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
+        return loss
+
+    # ----------------------------------------------------------------- optimisation
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Backbone/other x decay/no-decay groups, each with its LR and weight decay."""
+        opt = self.optimizer_config
+        backbone_ids = {id(p) for p in self.backbone_module().parameters()}
+        norm_wd = opt.weight_decay if opt.norm_weight_decay is None else opt.norm_weight_decay
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        seen: set[int] = set()
+        for module in self.modules():
+            for name, param in module.named_parameters(recurse=False):
+                if not param.requires_grad or id(param) in seen:
+                    continue
+                seen.add(id(param))
+                key = (id(param) in backbone_ids, _is_no_decay(module, name))
+                groups.setdefault(key, []).append(param)
+        result = []
+        for (in_backbone, no_decay), params in sorted(groups.items()):
+            result.append(
+                {
+                    "params": params,
+                    "lr": opt.lr * (opt.backbone_lr_mult if in_backbone else 1.0),
+                    "weight_decay": norm_wd if no_decay else opt.weight_decay,
+                    "name": f"{'backbone' if in_backbone else 'head'}{'/no_decay' if no_decay else ''}",
+                }
+            )
+        return result
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        opt = self.optimizer_config
+        groups = self.parameter_groups()
+        if opt.name == "sgd":
+            optimizer: torch.optim.Optimizer = torch.optim.SGD(
+                groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=opt.weight_decay
+            )
+        else:
+            optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
+        sched = self.scheduler_config
+        total_steps = int(self.trainer.estimated_stepping_batches)  # also sets up the train dataloader
+        max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
+        batches = self.trainer.num_training_batches
+        if isinstance(batches, (int, float)) and math.isfinite(batches) and batches > 0:
+            steps_per_epoch = max(1.0, batches / self.trainer.accumulate_grad_batches)
+        else:
+            steps_per_epoch = total_steps / max_epochs
+        if sched.interval == "epoch":
+            total, per_epoch = max_epochs, 1.0
+        else:
+            total, per_epoch = total_steps, steps_per_epoch
+        factor = ScheduleFactor(sched, total, per_epoch, opt.lr)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": sched.interval}}

@@ -1,0 +1,149 @@
+"""Image classification: shared backbone -> global average pool -> linear head, top-1/top-5 metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+from torchvision.transforms import v2
+
+from resnet_tasks.backbones import load_state_dict_into
+from resnet_tasks.errors import UserError
+from resnet_tasks.tasks.base import BackboneConfig, OptimizerConfig, SchedulerConfig, TaskBase
+from resnet_tasks.tasks.label_space import label_space_of_weights
+
+
+class ClassificationTask(TaskBase):
+    """Classifier on the shared backbone; `fc` keeps torchvision's name so its ImageNet heads load unchanged.
+
+    Whole-model `weights` (e.g. `ResNet50_Weights.IMAGENET1K_V2`, a torchvision `.pth`, a `.ckpt`) fix the
+    label space; `backbone.weights` reuses only the backbone and trains a new head for the data's classes.
+    """
+
+    task_name = "classification"
+    main_metric = "val/top1"
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        backbone: BackboneConfig = BackboneConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        scheduler: SchedulerConfig = SchedulerConfig(),
+        weights: str | None = None,
+        label_smoothing: float = 0.0,
+        mixup_alpha: float = 0.0,
+        cutmix_alpha: float = 0.0,
+        dropout: float = 0.0,
+        channels_last: bool = False,
+    ) -> None:
+        label_space = label_space_of_weights(weights, head_key="fc.weight") if weights else None
+        if label_space is not None:
+            weight_classes, weight_names = label_space
+            if num_classes is not None and num_classes != weight_classes:
+                raise UserError(
+                    f"--model.weights {weights} is a whole classifier for {weight_classes} classes but the data "
+                    f"has {num_classes}. To fine-tune on these classes, reuse only its backbone: "
+                    f"--model.backbone.weights {weights} (and leave --model.weights unset)."
+                )
+            num_classes = weight_classes
+        if num_classes is None:
+            raise UserError(
+                "ClassificationTask needs num_classes: give --data.root (the data announces it), "
+                "--model.num_classes N, or whole-model --model.weights."
+            )
+        super().__init__(num_classes, backbone, optimizer, scheduler, weights)
+        self.save_task_hyperparameters()
+        if label_space is not None:
+            self.class_names = list(label_space[1])
+        self.label_smoothing = label_smoothing
+        self.channels_last = channels_last
+        self.backbone = self.build_backbone()
+        features = list(self.backbone.channels.values())[-1]
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.fc = nn.Linear(features, num_classes)
+        self.batch_mix = self._batch_mix(mixup_alpha, cutmix_alpha, num_classes)
+        top5 = min(5, num_classes)
+        self.metrics = nn.ModuleDict(
+            {
+                "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
+                "top5": MulticlassAccuracy(num_classes, top_k=top5, average="micro"),
+            }
+        )
+
+    @staticmethod
+    def _batch_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> v2.Transform | None:
+        options: list[v2.Transform] = []
+        if mixup_alpha > 0:
+            options.append(v2.MixUp(alpha=mixup_alpha, num_classes=num_classes))
+        if cutmix_alpha > 0:
+            options.append(v2.CutMix(alpha=cutmix_alpha, num_classes=num_classes))
+        if not options:
+            return None
+        return options[0] if len(options) == 1 else v2.RandomChoice(options)
+
+    def backbone_module(self) -> nn.Module:
+        return self.backbone
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (N, num_classes) for a batch of normalised images."""
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        features = list(self.backbone(images).values())[-1]
+        pooled = torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)
+        return self.fc(self.dropout(pooled))
+
+    def load_model_weights(self, state_dict: dict[str, torch.Tensor], meta: dict[str, Any], source: str) -> None:
+        if not any(k.startswith("backbone.") for k in state_dict):
+            # torchvision layout: conv1.*, layer*.*, fc.* -> ours: backbone.*, fc.*
+            state_dict = {(k if k.startswith("fc.") else f"backbone.{k}"): v for k, v in state_dict.items()}
+        model_keys = {k for k in state_dict if k.startswith(("backbone.", "fc."))}
+        load_state_dict_into(self, {k: state_dict[k] for k in model_keys}, source=source, what="classifier")
+
+    # ------------------------------------------------------------------ steps
+    def batch_size_of(self, batch: dict[str, Any]) -> int:
+        return int(batch["image"].shape[0])
+
+    def training_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        images, labels = batch["image"], batch["label"]
+        if self.batch_mix is not None:
+            images, labels = self.batch_mix(images, labels)
+        logits = self(images)
+        return {"loss_cls": F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)}
+
+    def _evaluate(self, batch: dict[str, Any], prefix: str) -> None:
+        logits = self(batch["image"])
+        labels = batch["label"]
+        size = self.batch_size_of(batch)
+        loss = F.cross_entropy(logits, labels)
+        self.log(f"{prefix}/loss", loss, batch_size=size, sync_dist=True)
+        for name, metric in self.metrics.items():
+            metric.update(logits, labels)
+            self.log(f"{prefix}/{name}", metric, batch_size=size, prog_bar=name == "top1")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        probs = self(batch["image"]).float().softmax(dim=1)
+        top = probs.topk(min(5, probs.shape[1]), dim=1)
+        return {
+            "name": list(batch["name"]),
+            "label": batch["label"].cpu(),
+            "probs": top.values.cpu(),
+            "indices": top.indices.cpu(),
+        }
+
+    def class_name(self, index: int) -> str:
+        """Human-readable name of class `index` (the index itself when names are unknown)."""
+        return self.class_names[index] if index < len(self.class_names) else str(index)

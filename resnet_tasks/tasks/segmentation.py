@@ -1,0 +1,215 @@
+"""Semantic segmentation: dilated shared backbone -> torchvision FCNHead (+ auxiliary head), mean-IoU metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models.segmentation.fcn import FCNHead
+
+from resnet_tasks.backbones import load_state_dict_into
+from resnet_tasks.errors import UserError
+from resnet_tasks.evaluation.segmentation import SegmentationMetrics
+from resnet_tasks.tasks.base import BackboneConfig, OptimizerConfig, SchedulerConfig, TaskBase
+from resnet_tasks.tasks.label_space import label_space_of_weights
+
+IGNORE_INDEX = 255
+
+
+class FCN(nn.Module):
+    """torchvision's FCN on our backbone: `backbone.*`, `classifier.*`, `aux_classifier.*` as in `fcn_resnet50`.
+
+    The main head reads the last stage, the auxiliary head the one before (layer4 / layer3 on ImageNet
+    ResNets); both predict at the backbone's output stride and are upsampled bilinearly to the input size.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, aux_loss: bool = True) -> None:
+        super().__init__()
+        stages = list(backbone.stage_names)
+        if len(stages) < 2:
+            raise UserError(f"FCN needs a backbone with at least two stages; got {stages}.")
+        self.out_stage, self.aux_stage = stages[-1], stages[-2]
+        self.backbone = backbone
+        self.classifier = FCNHead(backbone.channels[self.out_stage], num_classes)
+        self.aux_classifier = FCNHead(backbone.channels[self.aux_stage], num_classes) if aux_loss else None
+
+    def forward(self, images: torch.Tensor, with_aux: bool = True) -> dict[str, torch.Tensor]:
+        """{"out": (N, C, H, W) logits at the input size, "aux": same from the auxiliary head (if asked)}."""
+        size = images.shape[-2:]
+        features = self.backbone(images)
+        logits = self.classifier(features[self.out_stage])
+        result = {"out": F.interpolate(logits, size=size, mode="bilinear", align_corners=False)}
+        if with_aux and self.aux_classifier is not None:
+            aux = self.aux_classifier(features[self.aux_stage])
+            result["aux"] = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
+        return result
+
+
+def _canonical_class_names(names: list[str]) -> list[str]:
+    # torchvision calls class 0 "__background__"; our data modules and metric names say "background".
+    return ["background" if name == "__background__" else name for name in names]
+
+
+def resize_logits_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinear resize of (N, C, h, w) logits to `size` (no-op when it already has that size)."""
+    if tuple(logits.shape[-2:]) == tuple(size):
+        return logits
+    return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+
+
+class SegmentationTask(TaskBase):
+    """FCN semantic segmentation on the shared backbone, scored at each image's original resolution.
+
+    The backbone runs at output stride 8 (dilated last stages, as torchvision's FCN) unless
+    `backbone.output_stride` says otherwise. `num_classes` includes the background (VOC: 21). Whole-model
+    `weights` (e.g. `FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1`, a torchvision-layout `.pth`, a `.ckpt`
+    from `fit`) fix the label space; `backbone.weights` reuses only the backbone.
+
+    Batches are dicts: training {"image": (N,3,H,W) float, "mask": (N,H,W) uint8}; evaluation additionally
+    carries per-image "input_size" (network input, before padding) and "size" (original), with "mask" at
+    the original size (padded with 255 when sizes differ in a batch).
+    """
+
+    task_name = "segmentation"
+    main_metric = "val/miou"
+
+    def __init__(
+        self,
+        num_classes: int | None = None,
+        backbone: BackboneConfig = BackboneConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        scheduler: SchedulerConfig = SchedulerConfig(),
+        weights: str | None = None,
+        aux_loss: bool = True,
+        aux_weight: float = 0.5,
+        ignore_index: int = IGNORE_INDEX,
+    ) -> None:
+        label_space = label_space_of_weights(weights, head_key="classifier.4.weight") if weights else None
+        if label_space is not None:
+            weight_classes, _ = label_space
+            if num_classes is not None and num_classes != weight_classes:
+                raise UserError(
+                    f"--model.weights {weights} is a whole segmentation model for {weight_classes} classes but "
+                    f"the data has {num_classes}. To fine-tune on these classes, reuse only its backbone: "
+                    f"--model.backbone.weights {weights} (and leave --model.weights unset)."
+                )
+            num_classes = weight_classes
+        if num_classes is None:
+            raise UserError(
+                "SegmentationTask needs num_classes (background included): give --data.root (the data "
+                "announces it), --model.num_classes N, or whole-model --model.weights (e.g. a .ckpt from fit)."
+            )
+        super().__init__(num_classes, backbone, optimizer, scheduler, weights)
+        self.save_task_hyperparameters()
+        # The resolved count, so load_from_checkpoint rebuilds the same heads without re-reading `weights`.
+        self.hparams["num_classes"] = num_classes
+        if label_space is not None and label_space[1]:
+            self.class_names = _canonical_class_names(list(label_space[1]))
+        self.aux_loss = aux_loss
+        self.aux_weight = aux_weight
+        self.ignore_index = ignore_index
+        self.model = FCN(self.build_backbone(output_stride=8), num_classes, aux_loss=aux_loss)
+        if self.backbone_config.norm == "sync_bn":
+            # The heads' BatchNorm follows the backbone's choice (statistics across GPUs at small batch sizes).
+            self.model.classifier = nn.SyncBatchNorm.convert_sync_batchnorm(self.model.classifier)
+            if self.model.aux_classifier is not None:
+                self.model.aux_classifier = nn.SyncBatchNorm.convert_sync_batchnorm(self.model.aux_classifier)
+        self.val_metrics = SegmentationMetrics(num_classes, ignore_index=ignore_index)
+        self.test_metrics = SegmentationMetrics(num_classes, ignore_index=ignore_index)
+
+    # ------------------------------------------------------------------ model and weights
+    def backbone_module(self) -> nn.Module:
+        return self.model.backbone
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (N, num_classes, H, W) at the input size for a batch of normalised images."""
+        return self.model(images, with_aux=False)["out"]
+
+    def load_model_weights(self, state_dict: dict[str, torch.Tensor], meta: dict[str, Any], source: str) -> None:
+        # Our checkpoints hold the FCN under "model."; torchvision's files are the FCN's own state dict.
+        if any(key.startswith("model.backbone.") for key in state_dict):
+            state_dict = {key[len("model.") :]: value for key, value in state_dict.items() if key.startswith("model.")}
+        load_state_dict_into(self.model, state_dict, source=source, what="FCN segmentation model")
+        names = list(meta.get("categories") or (meta.get("resnet_tasks") or {}).get("class_names") or [])
+        if len(names) == self.num_classes:
+            self.class_names = _canonical_class_names(names)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        data_classes = getattr(datamodule, "num_classes", None)
+        if stage != "predict" and data_classes is not None and data_classes != self.num_classes:
+            raise UserError(
+                f"The model predicts {self.num_classes} classes but the data has {data_classes}; use weights made "
+                "for this label space, or --model.backbone.weights to reuse only a backbone."
+            )
+        names = self.class_names if len(self.class_names) == self.num_classes else None
+        names = names or [f"class_{i}" for i in range(self.num_classes)]
+        for metric in (self.val_metrics, self.test_metrics):
+            metric.class_names = list(names)
+
+    # ------------------------------------------------------------------ training
+    def batch_size_of(self, batch: dict[str, Any]) -> int:
+        return int(batch["image"].shape[0])
+
+    def training_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        target = batch["mask"].long()
+        outputs = self.model(batch["image"], with_aux=self.aux_loss)
+        losses = {"loss_seg": F.cross_entropy(outputs["out"], target, ignore_index=self.ignore_index)}
+        if "aux" in outputs:
+            aux = F.cross_entropy(outputs["aux"], target, ignore_index=self.ignore_index)
+            losses["loss_aux"] = self.aux_weight * aux
+        return losses
+
+    # ------------------------------------------------------------------ evaluation and prediction
+    def predict_masks(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """Per-image class maps (H, W) at each image's original size.
+
+        The network sees the (resized, possibly padded) batch; each image's logits are cropped to its valid
+        input region and resized bilinearly to its original size before the argmax.
+        """
+        logits = self(batch["image"])
+        input_sizes = batch["input_size"].tolist()
+        sizes = batch["size"].tolist()
+        padded = tuple(logits.shape[-2:])
+        if all(tuple(s) == padded for s in input_sizes) and all(s == sizes[0] for s in sizes):
+            return list(resize_logits_to(logits, tuple(sizes[0])).argmax(1))
+        masks = []
+        for i, ((in_h, in_w), (height, width)) in enumerate(zip(input_sizes, sizes)):
+            one = logits[i : i + 1, :, :in_h, :in_w]
+            masks.append(resize_logits_to(one, (height, width)).argmax(1)[0])
+        return masks
+
+    def _evaluate(self, batch: dict[str, Any], metric: SegmentationMetrics) -> None:
+        predictions = self.predict_masks(batch)
+        target = batch["mask"]
+        for prediction, (height, width), truth in zip(predictions, batch["size"].tolist(), target):
+            metric.update(prediction, truth[:height, :width])
+
+    def _log_metrics(self, metric: SegmentationMetrics, prefix: str) -> None:
+        for name, value in metric.compute().items():
+            self.log(f"{prefix}/{name}", value, batch_size=1, prog_bar=name == "miou")
+        metric.reset()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.val_metrics)
+
+    def on_validation_epoch_end(self) -> None:
+        self._log_metrics(self.val_metrics, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._evaluate(batch, self.test_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics(self.test_metrics, "test")
+
+    def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """{"stem", "path": lists of str; "mask": list of (H, W) uint8 CPU tensors at original size}."""
+        masks = [mask.to(torch.uint8).cpu() for mask in self.predict_masks(batch)]
+        return {"stem": list(batch["stem"]), "path": list(batch["path"]), "mask": masks}
+
+    def class_name(self, index: int) -> str:
+        """Human-readable name of class `index` (the index itself when names are unknown)."""
+        return self.class_names[index] if index < len(self.class_names) else str(index)
