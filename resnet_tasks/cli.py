@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from resnet_tasks.errors import UserError
+from resnet_tasks.errors import UserError, find_user_error
 
 METRIC_PREFIXES = {"validate": "val/", "test": "test/", "fit": "val/"}
 
@@ -152,6 +152,7 @@ def main(args: list[str] | None = None) -> None:
     """Entry point of `resnet-tasks` and `python -m resnet_tasks`."""
     _import_components()
     torch.set_float32_matmul_precision("high")
+    UserError.last = None
     try:
         ResNetTasksCLI(
             model_class=L.LightningModule,
@@ -162,16 +163,19 @@ def main(args: list[str] | None = None) -> None:
             args=args,
             auto_configure_optimizers=False,
         )
-    except UserError as error:
-        print(f"error: {_user_message(error)}", file=sys.stderr)
-        raise SystemExit(2) from None
     except torch.OutOfMemoryError:
         print(
-            "error: out of GPU memory during a step. Lower --data.batch_size, use "
-            "--trainer.precision bf16-mixed, or enable channels_last; the last checkpoint is kept.",
+            "error: out of GPU memory during a step. Lower --data.batch_size, or use --trainer.precision "
+            "bf16-mixed; checkpoints already written are kept.",
             file=sys.stderr,
         )
         raise SystemExit(3) from None
+    except Exception as error:
+        user_error = find_user_error(error)
+        if user_error is None:
+            raise
+        print(f"error: {_user_message(user_error)}", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

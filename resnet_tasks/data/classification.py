@@ -118,6 +118,8 @@ class ImageFolderDataModule(BaseDataModule):
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.folder_names: list[str] = []
+        if predict_path is not None and self.root is not None and not self.root.is_dir():
+            self.root = None  # predicting on a folder needs no dataset (the config may name one not here)
         if self.root is not None:
             self.folder_names = self._discover_classes()
             self.class_names = list(class_names) if class_names else list(self.folder_names)
