@@ -1,0 +1,117 @@
+"""The CLI spine: every config parses, user errors print one message, optimisation comes from YAML."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from resnet_tasks.tasks.base import OptimizerConfig, ScheduleFactor, SchedulerConfig
+from resnet_tasks.tasks.classification import ClassificationTask
+
+CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml") if "trainer" not in p.parts)
+TRAINER_PRESETS = sorted(str(p) for p in Path("configs/trainer").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_every_config_prints(run_cli, config: str) -> None:
+    code, out, err = run_cli("fit", "--config", config, "--print_config")
+    assert code == 0, err
+    printed = yaml.safe_load(out)
+    assert printed["model"]["class_path"].startswith("resnet_tasks.")
+    assert printed["data"]["class_path"].startswith("resnet_tasks.")
+    assert printed["trainer"]["use_distributed_sampler"] is False
+
+
+@pytest.mark.parametrize("preset", TRAINER_PRESETS)
+def test_trainer_presets_compose_with_task_configs(run_cli, preset: str) -> None:
+    code, out, err = run_cli(
+        "fit", "--config", "configs/quickstart/classification.yaml", "--config", preset, "--print_config"
+    )
+    assert code == 0, err
+    trainer = yaml.safe_load(out)["trainer"]
+    expected = yaml.safe_load(Path(preset).read_text())["trainer"]
+    for key, value in expected.items():
+        assert trainer[key] == value
+
+
+def test_backbone_swap_is_one_value(run_cli) -> None:
+    for config in [c for c in CONFIGS if "quickstart" not in c]:
+        code, out, err = run_cli("fit", "--config", config, "--model.backbone.name", "resnext50_32x4d",
+                                 "--print_config")  # fmt: skip
+        assert code == 0, err
+        assert yaml.safe_load(out)["model"]["init_args"]["backbone"]["name"] == "resnext50_32x4d"
+
+
+def test_unknown_backbone_is_one_clear_message(run_cli, image_folder: Path, tmp_path: Path) -> None:
+    code, out, err = run_cli(
+        "fit", "--config", "configs/classification/imagenet_resnet50.yaml", "--data.root", str(image_folder),
+        "--model.backbone.name", "resnet5O", "--trainer.default_root_dir", str(tmp_path),
+    )  # fmt: skip
+    assert code == 2
+    assert "resnet5O" in err and "resnet50" in err
+    assert "Traceback" not in err
+    assert len([line for line in err.splitlines() if line.startswith("error: ")]) == 1
+
+
+def test_missing_dataset_root_is_one_clear_message(run_cli, tmp_path: Path) -> None:
+    code, out, err = run_cli(
+        "validate", "--config", "configs/classification/imagenet_resnet50.yaml",
+        "--data.root", str(tmp_path / "imagenet"), "--trainer.default_root_dir", str(tmp_path),
+    )  # fmt: skip
+    assert code == 2
+    assert str(tmp_path / "imagenet") in err and "--data.root" in err and "Traceback" not in err
+
+
+def test_mistyped_config_key_is_reported_by_the_parser(run_cli) -> None:
+    code, out, err = run_cli("fit", "--config", "configs/quickstart/classification.yaml",
+                             "--model.backbone.nmae", "resnet18")  # fmt: skip
+    assert code == 2
+    assert "nmae" in err and "Traceback" not in err
+
+
+def test_schedule_factor_shapes() -> None:
+    warm_cos = ScheduleFactor(SchedulerConfig(name="cosine", warmup_steps=10, warmup_factor=0.1), 100, 10, 0.1)
+    assert warm_cos(0) == pytest.approx(0.1)
+    assert warm_cos(5) == pytest.approx((0.1 * 0.5 + 0.5) * 0.5 * (1 + math.cos(math.pi * 0.05)))
+    assert warm_cos(100) == pytest.approx(0.0, abs=1e-9)
+    steps = ScheduleFactor(SchedulerConfig(name="multistep", milestones=[2, 4], gamma=0.1), 60, 10, 0.1)
+    assert [steps(s) for s in (0, 19, 20, 39, 40)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+    poly = ScheduleFactor(SchedulerConfig(name="poly", power=0.9), 100, 10, 0.1)
+    assert poly(50) == pytest.approx(0.5**0.9)
+    floor = ScheduleFactor(SchedulerConfig(name="cosine", min_lr=0.01), 100, 10, 0.1)
+    assert floor(100) == pytest.approx(0.1)
+
+
+def test_parameter_groups_exclude_norm_and_bias_from_decay_and_scale_backbone_lr() -> None:
+    model = ClassificationTask(
+        num_classes=4, backbone={"name": "resnet18"},
+        optimizer=OptimizerConfig(lr=0.2, weight_decay=1e-4, norm_weight_decay=0.0, backbone_lr_mult=0.1),
+    )  # fmt: skip
+    groups = {g["name"]: g for g in model.parameter_groups()}
+    assert set(groups) == {"backbone", "backbone/no_decay", "head", "head/no_decay"}
+    assert groups["backbone"]["lr"] == pytest.approx(0.02) and groups["head"]["lr"] == pytest.approx(0.2)
+    assert groups["backbone/no_decay"]["weight_decay"] == 0.0 and groups["backbone"]["weight_decay"] == 1e-4
+    bn_weight = model.backbone.bn1.weight
+    assert any(p is bn_weight for p in groups["backbone/no_decay"]["params"])
+    assert any(p is model.fc.bias for p in groups["head/no_decay"]["params"])
+    assert any(p is model.fc.weight for p in groups["head"]["params"])
+    total = sum(p.numel() for g in groups.values() for p in g["params"])
+    assert total == sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def test_non_finite_loss_skips_then_aborts_naming_the_term() -> None:
+    from resnet_tasks.errors import UserError
+
+    model = ClassificationTask(num_classes=3, backbone={"name": "resnet18"})
+    model.training_losses = lambda batch: {"loss_cls": torch.tensor(float("nan"))}  # type: ignore[method-assign]
+    model.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    model.print = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    batch = {"image": torch.zeros(1, 3, 8, 8), "label": torch.zeros(1, dtype=torch.long)}
+    for _ in range(model.max_consecutive_bad_steps - 1):
+        assert model.training_step(batch, 0) is None
+    with pytest.raises(UserError, match="loss_cls"):
+        model.training_step(batch, 0)
