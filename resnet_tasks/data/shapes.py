@@ -1,5 +1,5 @@
-"""The bundled synthetic "shapes" dataset: seeded scenes of circles, squares and triangles, written once in the
-real ImageFolder, COCO and PASCAL VOC layouts so every task and data module can be tried without downloads."""
+"""The bundled synthetic "shapes" dataset: seeded scenes of circles, squares and triangles, written once
+in the real ImageFolder, COCO and PASCAL VOC layouts so every task can be tried without downloads."""
 
 from __future__ import annotations
 
@@ -84,21 +84,26 @@ def _gradient_background(rng: np.random.Generator, size: int) -> np.ndarray:
     angle = rng.uniform(0.0, 2.0 * math.pi)
     ramp = math.cos(angle) * coords[None, :] + math.sin(angle) * coords[:, None]
     ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1e-6)
-    start, end = rng.uniform(20.0, 235.0, size=(2, 3)).astype(np.float32)
-    canvas = start + (end - start) * ramp[..., None]
+    start, end = rng.uniform(20.0, 235.0, size=(2, 3, 1, 1)).astype(np.float32)
+    # Channel-first (3xHxW) while drawing: numpy broadcasting over a trailing axis of 3 is slow.
+    canvas = start + (end - start) * ramp[None]
     # Soft low-contrast blobs: texture that has no sharp outline, so it is never mistaken for an object.
     for _ in range(int(rng.integers(1, 4))):
         cy, cx = rng.uniform(0.0, size, size=2)
         sigma = rng.uniform(0.05, 0.18) * size
-        amplitude = rng.uniform(-45.0, 45.0, size=3).astype(np.float32)
+        amplitude = rng.uniform(-45.0, 45.0, size=(3, 1, 1)).astype(np.float32)
         # A Gaussian is separable: the outer product of two 1-D profiles.
-        bump = np.outer(np.exp(-((coords - cy) ** 2) / (2 * sigma**2)), np.exp(-((coords - cx) ** 2) / (2 * sigma**2)))
-        canvas += amplitude * bump[..., None]
+        bump = np.outer(
+            np.exp(-((coords - cy) ** 2) / (2 * sigma**2)), np.exp(-((coords - cx) ** 2) / (2 * sigma**2))
+        )
+        canvas += amplitude * bump[None]
     return canvas
 
 
 def _draw_distractor_lines(rng: np.random.Generator, canvas: np.ndarray, size: int) -> np.ndarray:
-    picture = Image.fromarray(np.clip(canvas, 0, 255).astype(np.uint8))
+    picture = Image.fromarray(
+        np.ascontiguousarray(np.clip(canvas, 0, 255).astype(np.uint8).transpose(1, 2, 0))
+    )
     draw = ImageDraw.Draw(picture)
     scale = size / 128.0
     for _ in range(int(rng.integers(1, 4))):
@@ -106,7 +111,7 @@ def _draw_distractor_lines(rng: np.random.Generator, canvas: np.ndarray, size: i
         colour = tuple(int(c) for c in rng.integers(0, 256, size=3))
         width = max(1, round(rng.uniform(1.0, 2.5) * scale))
         draw.line([(x0, y0), (x1, y1)], fill=colour, width=width)
-    return np.asarray(picture, dtype=np.float32)
+    return np.asarray(picture, dtype=np.float32).transpose(2, 0, 1).copy()
 
 
 def _shape_outline(rng: np.random.Generator, label: int, extent: float) -> np.ndarray | float:
@@ -130,17 +135,28 @@ def _shape_outline(rng: np.random.Generator, label: int, extent: float) -> np.nd
 
 
 def _render_alpha(outline: np.ndarray | float, centre: np.ndarray, size: int) -> np.ndarray:
-    big = Image.new("L", (size * _SUPERSAMPLE, size * _SUPERSAMPLE), 0)
-    draw = ImageDraw.Draw(big)
-    if isinstance(outline, float):
-        cx, cy = centre * _SUPERSAMPLE
-        radius = outline * _SUPERSAMPLE
-        draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=255)
+    """Coverage in [0, 1] of one shape (HxW float32), drawn supersampled inside its own small window only."""
+    radius = outline if isinstance(outline, float) else None
+    low = centre - radius if radius is not None else centre + outline.min(axis=0)
+    high = centre + radius if radius is not None else centre + outline.max(axis=0)
+    x0, y0 = (max(int(v) - 1, 0) for v in low)
+    x1, y1 = (min(int(math.ceil(v)) + 1, size) for v in high)
+    factor = _SUPERSAMPLE
+    window = Image.new("L", ((x1 - x0) * factor, (y1 - y0) * factor), 0)
+    draw = ImageDraw.Draw(window)
+    origin = np.array([x0, y0], dtype=np.float64)
+    if radius is not None:
+        cx, cy = (centre - origin) * factor
+        draw.ellipse(
+            [cx - radius * factor, cy - radius * factor, cx + radius * factor, cy + radius * factor], fill=255
+        )
     else:
-        points = (outline + centre) * _SUPERSAMPLE
+        points = (outline + centre - origin) * factor
         draw.polygon([(float(x), float(y)) for x, y in points], fill=255)
-    small = big.resize((size, size), Image.Resampling.BOX)
-    return np.asarray(small, dtype=np.float32) / np.float32(255.0)
+    alpha = np.zeros((size, size), dtype=np.float32)
+    small = window.resize((x1 - x0, y1 - y0), Image.Resampling.BOX)
+    alpha[y0:y1, x0:x1] = np.asarray(small, dtype=np.float32) / np.float32(255.0)
+    return alpha
 
 
 def _pick_colour(rng: np.random.Generator, under: np.ndarray) -> np.ndarray:
@@ -184,7 +200,7 @@ def _place_objects(
 
 
 def render_scene(rng: np.random.Generator, size: int, dominant: int | None, count: int) -> Scene:
-    """Draw one scene: gradient, blobs and distractor lines, then `count` objects (none if dominant is None)."""
+    """Draw one scene: gradient, blobs and distractor lines, then `count` objects (none if dominant=None)."""
     base = _draw_distractor_lines(rng, _gradient_background(rng, size), size)
     coords = np.arange(size, dtype=np.float32)
     objects: list[ShapeObject] = []
@@ -219,12 +235,14 @@ def render_scene(rng: np.random.Generator, size: int, dominant: int | None, coun
             if count > 1 and ranked[0] < _MIN_DOMINANCE * ranked[1]:
                 continue
             canvas = base.copy()
-            for (label, _outline, centre), alpha, full, visible, box in zip(placed, alphas, fulls, visibles, boxes):
-                # Paint inside the object's box grown by the 1 px anti-aliased fringe (alpha is zero elsewhere).
+            for (label, _outline, centre), alpha, full, visible, box in zip(
+                placed, alphas, fulls, visibles, boxes
+            ):
+                # Paint inside the box grown by the 1 px anti-aliased fringe (alpha is zero elsewhere).
                 x0, y0 = max(box[0] - 1, 0), max(box[1] - 1, 0)
                 x1, y1 = min(box[2] + 1, size), min(box[3] + 1, size)
-                region = canvas[y0:y1, x0:x1]
-                colour = _pick_colour(rng, region[full[y0:y1, x0:x1]])
+                region = canvas[:, y0:y1, x0:x1]
+                colour = _pick_colour(rng, region[:, full[y0:y1, x0:x1]].T)
                 # A gentle linear shading across each object so that fills are not perfectly flat.
                 direction = rng.uniform(0.0, 2.0 * math.pi)
                 reach = max(float(np.sqrt(full.sum())), 1.0)
@@ -232,20 +250,21 @@ def render_scene(rng: np.random.Generator, size: int, dominant: int | None, coun
                     coords[y0:y1, None] - centre[1]
                 ) * math.sin(direction)
                 shade = np.float32(rng.uniform(-30.0, 30.0)) * np.clip(ramp / reach, -1.0, 1.0)
-                fill = np.clip(colour + shade[..., None], 0.0, 255.0)
-                weight = alpha[y0:y1, x0:x1, None]
-                canvas[y0:y1, x0:x1] = region * (1.0 - weight) + fill * weight
+                fill = np.clip(colour[:, None, None] + shade[None], 0.0, 255.0)
+                weight = alpha[None, y0:y1, x0:x1]
+                canvas[:, y0:y1, x0:x1] = region * (1.0 - weight) + fill * weight
                 objects.append(ShapeObject(label, full, visible, box))
             break
         else:  # pragma: no cover - 200 failures in a row does not happen with these size ranges
             raise RuntimeError("shapes generator could not place the objects of a scene")
-    noise = rng.normal(0.0, rng.uniform(3.0, 10.0), size=canvas.shape).astype(np.float32)
-    image = np.clip(np.rint(canvas + noise), 0, 255).astype(np.uint8)
+    noise = np.float32(rng.uniform(3.0, 10.0)) * rng.standard_normal(canvas.shape, dtype=np.float32)
+    image = np.clip(np.rint(canvas + noise), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    image = np.ascontiguousarray(image)
     return Scene(image=image, objects=objects)
 
 
 def segmentation_mask(scene: Scene) -> np.ndarray:
-    """VOC-style class-index mask: 0 background, k+1 for SHAPE_CLASSES[k], 255 on a ~2 px band at every outline."""
+    """VOC-style class-index mask: 0 background, k+1 for SHAPE_CLASSES[k], 255 on a ~2 px outline band."""
     size = scene.image.shape[:2]
     classes = np.zeros(size, dtype=np.uint8)
     instances = np.zeros(size, dtype=np.uint8)
@@ -303,7 +322,7 @@ def _voc_xml(stem: str, size: int, objects: list[ShapeObject]) -> bytes:
         ET.SubElement(node, "difficult").text = "0"
         box = ET.SubElement(node, "bndbox")
         x0, y0, x1, y1 = obj.box
-        # VOC boxes are 1-based inclusive pixel indices: first pixel column x0 -> x0 + 1, last column x1 - 1 -> x1.
+        # VOC boxes are 1-based inclusive pixel indices: first column x0 -> x0 + 1, last column x1 - 1 -> x1.
         for key, value in (("xmin", x0 + 1), ("ymin", y0 + 1), ("xmax", x1), ("ymax", y1)):
             ET.SubElement(box, key).text = str(value)
     ET.indent(root, space="\t")
@@ -350,7 +369,11 @@ def generate_shapes(
     coco_dir = root / "coco"
     voc_dir = root / "voc" / "VOCdevkit" / "VOC2012"
     folders = [coco_dir / "annotations", voc_dir / "JPEGImages", voc_dir / "Annotations"]
-    folders += [voc_dir / "SegmentationClass", voc_dir / "ImageSets" / "Main", voc_dir / "ImageSets" / "Segmentation"]
+    folders += [
+        voc_dir / "SegmentationClass",
+        voc_dir / "ImageSets" / "Main",
+        voc_dir / "ImageSets" / "Segmentation",
+    ]
     for split in ("train", "val"):
         folders.append(coco_dir / f"{split}2017")
         folders += [root / "imagefolder" / split / name for name in SHAPE_CLASSES]
@@ -374,7 +397,9 @@ def generate_shapes(
             next_image_id += 1
             stem = f"shapes_{image_id:06d}"
             stems.append(stem)
-            scene = render_scene(np.random.default_rng([seed, 0, image_id]), image_size, dominant, num_objects)
+            scene = render_scene(
+                np.random.default_rng([seed, 0, image_id]), image_size, dominant, num_objects
+            )
             jpeg = _encode_jpeg(scene.image)
             (coco_dir / f"{split}2017" / f"{stem}.jpg").write_bytes(jpeg)
             (voc_dir / "JPEGImages" / f"{stem}.jpg").write_bytes(jpeg)
@@ -383,8 +408,12 @@ def generate_shapes(
                 label = scene.objects[int(np.argmax(areas))].label
                 (root / "imagefolder" / split / SHAPE_CLASSES[label] / f"{stem}.jpg").write_bytes(jpeg)
             (voc_dir / "Annotations" / f"{stem}.xml").write_bytes(_voc_xml(stem, image_size, scene.objects))
-            (voc_dir / "SegmentationClass" / f"{stem}.png").write_bytes(_encode_palette_png(segmentation_mask(scene)))
-            images.append({"id": image_id, "file_name": f"{stem}.jpg", "width": image_size, "height": image_size})
+            (voc_dir / "SegmentationClass" / f"{stem}.png").write_bytes(
+                _encode_palette_png(segmentation_mask(scene))
+            )
+            images.append(
+                {"id": image_id, "file_name": f"{stem}.jpg", "width": image_size, "height": image_size}
+            )
             present = {obj.label for obj in scene.objects}
             for index, name in enumerate(SHAPE_CLASSES):
                 presence[split][name].append(1 if index in present else -1)
@@ -399,7 +428,10 @@ def generate_shapes(
                         "bbox": [float(x0), float(y0), float(x1 - x0), float(y1 - y0)],
                         "area": float(obj.visible_mask.sum()),
                         "iscrowd": 0,
-                        "segmentation": {"size": [int(v) for v in rle["size"]], "counts": rle["counts"].decode("utf-8")},
+                        "segmentation": {
+                            "size": [int(v) for v in rle["size"]],
+                            "counts": rle["counts"].decode("utf-8"),
+                        },
                     }
                 )
                 next_annotation_id += 1
@@ -508,7 +540,9 @@ def ensure_shapes(root: str | Path | None = None, **kwargs: int) -> Path:
     """
     unknown = sorted(set(kwargs) - set(DEFAULT_PARAMS))
     if unknown:
-        raise UserError(f"ensure_shapes: unknown argument(s) {unknown}; valid ones are {sorted(DEFAULT_PARAMS)}.")
+        raise UserError(
+            f"ensure_shapes: unknown argument(s) {unknown}; valid ones are {sorted(DEFAULT_PARAMS)}."
+        )
     params = {**DEFAULT_PARAMS, **kwargs}
     _check_params(**params)
     root = Path(root) if root is not None else default_shapes_root()
@@ -528,7 +562,8 @@ def ensure_shapes(root: str | Path | None = None, **kwargs: int) -> Path:
         installed = _install(staging, root, params)
         if installed:
             print(
-                f"resnet-tasks: generated the shapes dataset ({params['num_train']} train + {params['num_val']} "
+                f"resnet-tasks: generated the shapes dataset ({params['num_train']} train + "
+                f"{params['num_val']} "
                 f"val images, {params['image_size']} px) in {root} in {time.perf_counter() - start:.1f} s",
                 file=sys.stderr,
             )
