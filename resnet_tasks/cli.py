@@ -15,6 +15,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
+from resnet_tasks.callbacks import InterruptCheckpoint
 from resnet_tasks.errors import UserError, find_user_error
 
 METRIC_PREFIXES = {"validate": "val/", "test": "test/", "fit": "val/"}
@@ -101,6 +102,8 @@ class ResNetTasksCLI(LightningCLI):
         if config.get("enable_progress_bar", True) is not False:
             if not any(isinstance(c, (RichProgressBar, TQDMProgressBar)) for c in callbacks):
                 callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=50))
+        if self.subcommand in ("fit", None) and not any(isinstance(c, InterruptCheckpoint) for c in callbacks):
+            callbacks.append(InterruptCheckpoint())
         if self.subcommand == "predict":
             from resnet_tasks.writers import PredictionWriter
 

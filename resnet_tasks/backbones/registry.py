@@ -184,7 +184,6 @@ def build_backbone(
         zero_init_residual=zero_init_residual,
     )
     model.name = name
-    model.weights_report = None
     if weights:
         state_dict, _meta = load_weights_spec(weights)
         backbone_part = extract_backbone_state_dict(state_dict, model)

@@ -24,6 +24,7 @@ from .blocks import (
     conv3x3,
     is_preact,
 )
+from .weights import LoadReport
 
 NORMS = ("bn", "frozen_bn", "sync_bn", "gn")
 
@@ -82,6 +83,8 @@ class ResNetBackbone(nn.Module):
                 "zero_init_residual=True with shortcut=False would make every block output zero; "
                 "drop zero_init_residual for plain networks"
             )
+        self.name = ""  # the registry name, set by build_backbone
+        self.weights_report: LoadReport | None = None  # what build_backbone(weights=...) loaded
         self.preact = is_preact(block)
         self.shortcut = shortcut
         self.shortcut_type = shortcut_type

@@ -131,16 +131,32 @@ def first_line(error: BaseException) -> str:
     return text.splitlines()[0] if text else type(error).__name__
 
 
+def _refusal_reason(error: pickle.UnpicklingError) -> str:
+    """The line of torch's weights_only message that says what it refused (e.g. an unsupported GLOBAL)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for line in lines:
+        if "GLOBAL" in line or "Unsupported" in line:
+            return line
+    return lines[0] if lines else "rejected by the weights_only unpickler"
+
+
 def _torch_load(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        reason = _refusal_reason(error)
+        if "GLOBAL" in reason:
+            raise UserError(
+                f"refusing to load {path}: it holds pickled Python objects that would execute code on load "
+                f"({reason}). Re-save only the tensors, e.g. torch.save(model.state_dict(), 'weights.pth'), "
+                "in a trusted environment"
+            ) from None
         raise UserError(
-            f"refusing to load {path}: it contains pickled Python objects that would execute code on load "
-            f"(torch.load weights_only=True rejected it: {first_line(error)}). Re-save only the "
-            "tensors, e.g. torch.save(model.state_dict(), 'weights.pth'), from a trusted environment"
+            f"refusing to load {path}: torch.load(weights_only=True) cannot read it ({reason}); the file is "
+            "corrupt or uses pickle features that would execute code on load. Re-export it with "
+            "torch.save(model.state_dict(), 'weights.pth') in a trusted environment"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as error:
+    except Exception as error:  # any other failure here (EOFError, IndexError, ...) is an unreadable file
         raise UserError(
             f"cannot read weights file {path}: {first_line(error)}; "
             "is it a complete torch.save file? Re-download or re-export it"

@@ -52,10 +52,11 @@ class ImageListDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = item if isinstance(item, tuple) else (item, None)
         image = read_image(os.fsdecode(self.paths[index]))
         return {
-            "image": self.transform(image),
+            "image": self.transform(image, seed),
             "label": int(self.labels[index]),
             "name": self.names[index].decode(),
         }
@@ -180,7 +181,7 @@ class ImageFolderDataModule(BaseDataModule):
         return self.datasets[key]
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self.loader(self._dataset("train"), train=True)
+        return self.loader(self._dataset("train"), train=True, sample_seeds=True)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         return self.loader(self._dataset("val"), train=False)
@@ -243,9 +244,10 @@ class ArrayImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = item if isinstance(item, tuple) else (item, None)
         return {
-            "image": self.transform(self.images[index]),
+            "image": self.transform(self.images[index], seed),
             "label": int(self.labels[index]),
             "name": f"{self.prefix}/{index:05d}",
         }
@@ -361,7 +363,7 @@ class CIFARDataModule(BaseDataModule):
         return dataset
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self.loader(self._split("train"), train=True)
+        return self.loader(self._split("train"), train=True, sample_seeds=True)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         return self.loader(self._split("val"), train=False)

@@ -6,6 +6,7 @@ import math
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import cv2
 import lightning as L
@@ -98,22 +99,36 @@ class EvalShardSampler(Sampler[int]):
         return len(range(self.rank, self.dataset_len, self.world_size))
 
 
-class TrainSampler(Sampler[int]):
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 32-bit augmentation seed that depends only on the run seed, the epoch and the dataset index."""
+    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+
+
+class TrainSampler(Sampler):
     """Training order: a seeded permutation per epoch, split evenly across DDP ranks (padded by wrap-around).
 
-    Lightning calls `set_epoch` at each epoch start, so every epoch sees a new, reproducible order.
+    Lightning calls `set_epoch` at each epoch start, so every epoch sees a new, reproducible order. With
+    `yield_seeds`, it yields `(index, seed)` pairs: datasets seed their augmentation per sample, so the
+    pixels a step sees do not depend on worker count, worker restarts or resumption. `skip_next(n)` drops
+    the first n indices of the next pass (resuming mid-epoch from a checkpoint).
     """
 
-    def __init__(self, dataset_len: int, shuffle: bool = True, seed: int = 0) -> None:
+    def __init__(self, dataset_len: int, shuffle: bool = True, seed: int = 0, yield_seeds: bool = False) -> None:
         self.dataset_len = dataset_len
         self.shuffle = shuffle
         self.seed = seed
+        self.yield_seeds = yield_seeds
         self.epoch = 0
+        self.skip = 0
         self.rank, self.world_size = distributed_rank_and_size()
         self.num_samples = math.ceil(dataset_len / self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def skip_next(self, count: int) -> None:
+        """Skip the first `count` indices of the next iteration only."""
+        self.skip = count
 
     def indices(self) -> list[int]:
         """This rank's indices for the current epoch."""
@@ -126,8 +141,12 @@ class TrainSampler(Sampler[int]):
         order += order[: total - len(order)]
         return order[self.rank : total : self.world_size]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices())
+    def __iter__(self) -> Iterator:
+        indices = self.indices()[self.skip :]
+        self.skip = 0
+        if self.yield_seeds:
+            return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in indices])
+        return iter(indices)
 
     def __len__(self) -> int:
         return self.num_samples
@@ -173,6 +192,35 @@ class BaseDataModule(L.LightningDataModule):
         self.pin_memory = pin_memory
         self.seed = seed
         self.class_names = []
+        self._resume: dict[str, int] | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where training stands in the data (saved in checkpoints so a mid-epoch resume continues exactly)."""
+        if self.trainer is None or not self.trainer.training:
+            return {}
+        loop = self.trainer.fit_loop
+        return {
+            "epoch": int(loop.epoch_progress.current.processed),
+            "batches_done": int(loop.epoch_loop.batch_progress.current.completed),
+        }
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = dict(state_dict) or None
+
+    def _apply_resume(self, sampler: Any, num_batches: int) -> None:
+        """Position a fresh training sampler where the checkpoint left off (once, right after a restore)."""
+        resume, self._resume = self._resume, None
+        if not resume or not hasattr(sampler, "set_epoch"):
+            return
+        epoch, done = resume["epoch"], resume["batches_done"]
+        if done >= num_batches:  # saved at an epoch's end: the next epoch starts from its beginning
+            sampler.set_epoch(epoch + 1)
+            return
+        sampler.set_epoch(epoch)
+        if hasattr(sampler, "skip_next_batches"):
+            sampler.skip_next_batches(done)
+        elif hasattr(sampler, "skip_next"):
+            sampler.skip_next(done * self.batch_size)
 
     def require_root(self) -> Path:
         """The dataset root; UserError when it was not given or does not exist."""
@@ -192,6 +240,7 @@ class BaseDataModule(L.LightningDataModule):
         train: bool,
         collate_fn=None,
         batch_sampler: Sampler | None = None,
+        sample_seeds: bool = False,
     ) -> torch.utils.data.DataLoader:
         """A DataLoader with our DDP-aware samplers (the CLI turns off Lightning's sampler replacement)."""
         common = dict(
@@ -201,10 +250,16 @@ class BaseDataModule(L.LightningDataModule):
             worker_init_fn=worker_init,
             persistent_workers=self.num_workers > 0 and train,
         )
+        # A private generator: creating a loader's iterator must not draw from the global RNG, or a resumed
+        # run's dropout/mixup draws would shift against the uninterrupted run.
+        common["generator"] = torch.Generator().manual_seed(self.seed)
         if batch_sampler is not None:
+            if train:
+                self._apply_resume(batch_sampler, len(batch_sampler))
             return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **common)
         if train:
-            sampler: Sampler[int] = TrainSampler(len(dataset), shuffle=True, seed=self.seed)
+            sampler = TrainSampler(len(dataset), shuffle=True, seed=self.seed, yield_seeds=sample_seeds)
+            self._apply_resume(sampler, len(sampler) // self.batch_size)
             return torch.utils.data.DataLoader(
                 dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True, **common
             )

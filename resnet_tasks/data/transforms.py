@@ -32,7 +32,9 @@ class AlbumentationsTransform:
     def __init__(self, steps: list[A.BasicTransform]) -> None:
         self.pipeline = A.Compose(steps)
 
-    def __call__(self, image: np.ndarray) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, seed: int | None = None) -> torch.Tensor:
+        if seed is not None:
+            self.pipeline.set_random_seed(seed)
         return to_tensor(self.pipeline(image=image)["image"])
 
     def __repr__(self) -> str:

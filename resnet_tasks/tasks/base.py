@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Literal
 
 import lightning as L
+import numpy as np
 import torch
 from torch import nn
 
@@ -15,6 +17,24 @@ from resnet_tasks.backbones import build_backbone, load_state_dict_into, load_we
 from resnet_tasks.errors import UserError
 
 CHECKPOINT_KEY = "resnet_tasks"
+RNG_KEY = "resnet_tasks_rng"
+
+
+def _numpy_rng_state() -> dict[str, Any]:
+    """numpy's global RNG state in types `torch.load(weights_only=True)` accepts."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+            "has_gauss": int(has_gauss), "gauss": float(gauss)}  # fmt: skip
+
+
+def _set_numpy_rng_state(state: dict[str, Any]) -> None:
+    keys = state["keys"].numpy().astype(np.uint32)
+    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["gauss"]))
+
+
+def _as_tuple(value: Any) -> Any:
+    """Python's random state comes back from a checkpoint with lists where tuples were."""
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 @dataclass
@@ -219,6 +239,12 @@ class TaskBase(L.LightningModule):
             "class_names": list(self.class_names),
             "label_to_category_id": self.label_to_category_id,
         }
+        # Global RNG streams (dropout, mixup/cutmix draws) so a resumed run continues them exactly.
+        checkpoint[RNG_KEY] = {
+            "torch": torch.get_rng_state(),
+            "numpy": _numpy_rng_state(),
+            "python": random.getstate(),
+        }
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         info = checkpoint.get(CHECKPOINT_KEY, {})
@@ -231,6 +257,11 @@ class TaskBase(L.LightningModule):
         self.class_names = list(info.get("class_names") or [])
         self.label_to_category_id = info.get("label_to_category_id")
         self._restored_from_checkpoint = True
+        rng = checkpoint.get(RNG_KEY)
+        if rng and self._trainer is not None and self.trainer.state.fn == "fit":
+            torch.set_rng_state(rng["torch"])
+            _set_numpy_rng_state(rng["numpy"])
+            random.setstate(_as_tuple(rng["python"]))
 
     # ----------------------------------------------------------------- training step plumbing
     def training_losses(self, batch: Any) -> dict[str, torch.Tensor]:
