@@ -151,8 +151,36 @@ def _user_message(error: BaseException) -> str:
     return text
 
 
+def print_backbones() -> None:
+    """`resnet-tasks backbones`: every backbone name with its size, stage channels and strides."""
+    from resnet_tasks.backbones import backbone_table
+
+    print(f"{'backbone':<18} {'params (M)':>10}  stage channels -> strides")
+    for row in backbone_table():
+        channels = "/".join(str(c) for c in row["channels"])
+        strides = "/".join(str(s) for s in row["strides"])
+        print(f"{row['name']:<18} {row['params_m']:>10.2f}  {channels} -> {strides}")
+
+
 def main(args: list[str] | None = None) -> None:
-    """Entry point of `resnet-tasks` and `python -m resnet_tasks`."""
+    """Entry point of `resnet-tasks` and `python -m resnet_tasks`.
+
+    Besides Lightning's fit/validate/test/predict: `backbones` lists the backbones and `plot` draws
+    training curves from runs' logs.
+    """
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["backbones"]:
+        print_backbones()
+        return
+    if argv[:1] == ["plot"]:
+        from resnet_tasks.plot import main as plot_main
+
+        try:
+            plot_main(argv[1:])
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            raise SystemExit(2) from None
+        return
     _import_components()
     torch.set_float32_matmul_precision("high")
     UserError.last = None

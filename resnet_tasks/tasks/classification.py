@@ -116,6 +116,9 @@ class ClassificationTask(TaskBase):
         if self.batch_mix is not None:
             images, labels = self.batch_mix(images, labels)
         logits = self(images)
+        if labels.ndim == 1:  # hard labels (no mixup/cutmix): the paper's training error curve
+            error = (logits.detach().argmax(dim=1) != labels).float().mean()
+            self.log("train/error", error, batch_size=len(labels))
         return {"loss_cls": F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)}
 
     def _evaluate(self, batch: dict[str, Any], prefix: str) -> None:
