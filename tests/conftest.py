@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -51,6 +53,11 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., tuple[int, str,
     from resnet_tasks.cli import main
 
     def run(*args: str) -> tuple[int, str, str]:
+        # Lightning's log handlers keep the stream they first saw; point them at this test's capture.
+        for name in ("lightning", "lightning.pytorch", "lightning.fabric"):
+            for handler in logging.getLogger(name).handlers:
+                if isinstance(handler, logging.StreamHandler):
+                    handler.stream = sys.stderr  # not setStream(): it flushes the old, closed stream
         code = 0
         try:
             main([str(a) for a in args])

@@ -109,8 +109,11 @@ class ImageFolderDataModule(BaseDataModule):
         class_names: list[str] | None = None,
         pin_memory: bool = True,
         seed: int = 0,
+        max_skipped_fraction: float = 0.01,
     ) -> None:
-        super().__init__(root, batch_size, eval_batch_size, num_workers, predict_path, pin_memory, seed)
+        super().__init__(
+            root, batch_size, eval_batch_size, num_workers, predict_path, pin_memory, seed, max_skipped_fraction
+        )
         self.crop_size = crop_size
         self.resize_size = resize_size
         self.eval_crop_size = eval_crop_size or crop_size
@@ -221,6 +224,7 @@ class ShapesClassificationDataModule(ImageFolderDataModule):
         class_names: list[str] | None = None,
         pin_memory: bool = True,
         seed: int = 0,
+        max_skipped_fraction: float = 0.01,
     ) -> None:
         if root is None:
             from resnet_tasks.data.shapes import ensure_shapes
@@ -228,7 +232,7 @@ class ShapesClassificationDataModule(ImageFolderDataModule):
             root = str(ensure_shapes() / "imagefolder")
         super().__init__(
             root, batch_size, eval_batch_size, num_workers, predict_path, crop_size, resize_size,
-            eval_crop_size, train_scale, hflip, mean, std, class_names, pin_memory, seed,
+            eval_crop_size, train_scale, hflip, mean, std, class_names, pin_memory, seed, max_skipped_fraction,
         )  # fmt: skip
 
 
@@ -308,8 +312,11 @@ class CIFARDataModule(BaseDataModule):
         download: bool = False,
         pin_memory: bool = True,
         seed: int = 0,
+        max_skipped_fraction: float = 0.01,
     ) -> None:
-        super().__init__(root, batch_size, eval_batch_size, num_workers, predict_path, pin_memory, seed)
+        super().__init__(
+            root, batch_size, eval_batch_size, num_workers, predict_path, pin_memory, seed, max_skipped_fraction
+        )
         if variant not in CIFAR_FILES:
             raise UserError(f"--data.variant must be 10 or 100, got {variant}.")
         self.variant = variant

@@ -23,27 +23,36 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 cv2.setNumThreads(0)
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """Read an image file as an HxWx3 uint8 RGB array; a corrupt or unreadable file raises UserError.
+class UnreadableImageError(UserError):
+    """An image file that is missing, corrupt or truncated (training skips and counts these)."""
 
-    OpenCV decodes JPEGs with libjpeg-turbo and gives the same pixels as PIL at a lower cost
-    (see `benchmarks/decode.py`); PIL is the fallback for formats OpenCV rejects.
+
+def read_image(path: str | Path) -> np.ndarray:
+    """Read an image file as an HxWx3 uint8 RGB array; a missing, corrupt or truncated file raises an error.
+
+    OpenCV decodes JPEGs with libjpeg-turbo and gives the same pixels as PIL and torchvision.io at a lower
+    cost (see `benchmarks/decode.py`); PIL is the fallback for formats OpenCV rejects. OpenCV silently
+    decodes a truncated JPEG with a grey bottom, so the end-of-image marker is checked first.
     """
     path = Path(path)
-    data = None
     try:
         buffer = np.fromfile(path, dtype=np.uint8)
     except OSError as error:
-        raise UserError(f"Cannot read image {path}: {error.strerror or error}. Check the path exists.") from None
-    if buffer.size:
-        data = cv2.imdecode(buffer, cv2.IMREAD_COLOR)
+        raise UnreadableImageError(
+            f"Cannot read image {path}: {error.strerror or error}. Check that the file exists."
+        ) from None
+    if buffer.size >= 4 and buffer[0] == 0xFF and buffer[1] == 0xD8:  # JPEG: must end with FFD9 (EOI)
+        tail = buffer[-32:].tobytes()
+        if b"\xff\xd9" not in tail:
+            raise UnreadableImageError(f"Truncated JPEG {path} (no end-of-image marker). Re-download or remove it.")
+    data = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
     if data is None:
         try:
             with Image.open(path) as image:
                 image.load()
                 return np.asarray(image.convert("RGB"))
         except Exception as error:  # PIL raises many types for broken files
-            raise UserError(
+            raise UnreadableImageError(
                 f"Corrupt or unreadable image {path} ({type(error).__name__}: {error}). "
                 "Re-download or remove the file."
             ) from None
@@ -76,6 +85,56 @@ def list_images(folder: str | Path) -> list[Path]:
     if not files:
         raise UserError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}.")
     return files
+
+
+class Skipped:
+    """Stands in for a training item whose image could not be read (what went wrong, for the report)."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+class SkipUnreadable(torch.utils.data.Dataset):
+    """Training-time wrapper: an unreadable image becomes a `Skipped` marker instead of killing the run."""
+
+    def __init__(self, dataset: torch.utils.data.Dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)  # type: ignore[arg-type]
+
+    def __getitem__(self, item: Any) -> Any:
+        try:
+            return self.dataset[item]
+        except UnreadableImageError as error:
+            return Skipped(str(error))
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "dataset":
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+
+class SkippedBatch:
+    """A collated batch plus the reasons for the items dropped from it (unwrapped in the main process)."""
+
+    def __init__(self, batch: Any, skipped: list[str]) -> None:
+        self.batch = batch
+        self.skipped = skipped
+
+
+class SkippingCollate:
+    """Collate the readable items; carry the skipped ones' reasons along so the main process can count them."""
+
+    def __init__(self, collate_fn: Any = None) -> None:
+        self.collate_fn = collate_fn or torch.utils.data.default_collate
+
+    def __call__(self, items: list[Any]) -> Any:
+        kept = [item for item in items if not isinstance(item, Skipped)]
+        if len(kept) == len(items):
+            return self.collate_fn(items)
+        reasons = [item.reason for item in items if isinstance(item, Skipped)]
+        return SkippedBatch(self.collate_fn(kept) if kept else None, reasons)
 
 
 def distributed_rank_and_size() -> tuple[int, int]:
@@ -182,6 +241,7 @@ class BaseDataModule(L.LightningDataModule):
         predict_path: str | None = None,
         pin_memory: bool = True,
         seed: int = 0,
+        max_skipped_fraction: float = 0.01,
     ) -> None:
         super().__init__()
         self.root = Path(root) if root is not None else None
@@ -193,6 +253,33 @@ class BaseDataModule(L.LightningDataModule):
         self.seed = seed
         self.class_names = []
         self._resume: dict[str, int] | None = None
+        # Training skips unreadable images; a share above this fails the epoch (a metric over a different
+        # image set would be a wrong number, and so would a model trained on a silently shrunk dataset).
+        self.max_skipped_fraction = max_skipped_fraction
+        self.skipped: list[str] = []
+        self.seen_in_epoch = 0
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if isinstance(batch, SkippedBatch):
+            self.skipped.extend(batch.skipped)
+            batch = batch.batch
+        return batch
+
+    def take_skip_report(self, seen: int) -> str | None:
+        """A one-line report of the images skipped since the last call (None when none); UserError above
+        `max_skipped_fraction` of `seen` items."""
+        skipped, self.skipped = self.skipped, []
+        if not skipped:
+            return None
+        fraction = len(skipped) / max(1, seen + len(skipped))
+        examples = "; ".join(skipped[:3])
+        if fraction > self.max_skipped_fraction:
+            raise UserError(
+                f"{len(skipped)} unreadable training images ({fraction:.1%} > {self.max_skipped_fraction:.1%} "
+                f"allowed) this epoch, e.g. {examples}. Fix or remove them, or raise the limit "
+                "(--data.max_skipped_fraction)."
+            )
+        return f"skipped {len(skipped)} unreadable training image(s) this epoch ({fraction:.2%}): {examples}"
 
     def state_dict(self) -> dict[str, Any]:
         """Where training stands in the data (saved in checkpoints so a mid-epoch resume continues exactly)."""
@@ -243,6 +330,9 @@ class BaseDataModule(L.LightningDataModule):
         sample_seeds: bool = False,
     ) -> torch.utils.data.DataLoader:
         """A DataLoader with our DDP-aware samplers (the CLI turns off Lightning's sampler replacement)."""
+        if train:
+            dataset = SkipUnreadable(dataset)
+            collate_fn = SkippingCollate(collate_fn)
         common = dict(
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),

@@ -254,6 +254,7 @@ class TaskBase(L.LightningModule):
                 f"This checkpoint was written by the {task} task; load it with its own task class, or use it "
                 f"as backbone weights (--model.backbone.weights) for {self.task_name}."
             )
+        self._check_checkpoint_fits(checkpoint)
         self.class_names = list(info.get("class_names") or [])
         self.label_to_category_id = info.get("label_to_category_id")
         self._restored_from_checkpoint = True
@@ -262,6 +263,35 @@ class TaskBase(L.LightningModule):
             torch.set_rng_state(rng["torch"])
             _set_numpy_rng_state(rng["numpy"])
             random.setstate(_as_tuple(rng["python"]))
+
+    def _check_checkpoint_fits(self, checkpoint: dict[str, Any]) -> None:
+        """UserError with a key-match summary when a checkpoint's weights do not fit this model."""
+        saved = checkpoint.get("state_dict") or {}
+        own = self.state_dict()
+        missing = [k for k in own if k not in saved]
+        unexpected = [k for k in saved if k not in own]
+        mismatched = [
+            f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in own
+            if k in saved and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(own[k].shape)
+        ]
+        if not (missing or unexpected or mismatched):
+            return
+        hparams = checkpoint.get("hyper_parameters") or {}
+        trained = (hparams.get("backbone") or {}).get("name")
+        parts = [f"{len(own) - len(missing) - len(mismatched)}/{len(own)} model keys match"]
+        if missing:
+            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
+        if mismatched:
+            parts.append(f"{len(mismatched)} with other shapes (e.g. {'; '.join(mismatched[:2])})")
+        hint = (
+            f"It was trained with --model.backbone.name {trained} and num_classes {hparams.get('num_classes')}; "
+            "use the same values (num_classes follows the data), or reuse only its backbone with "
+            "--model.backbone.weights."
+        )
+        raise UserError(f"The checkpoint does not fit this {self.task_name} model: {'; '.join(parts)}. {hint}")
 
     # ----------------------------------------------------------------- training step plumbing
     def training_losses(self, batch: Any) -> dict[str, torch.Tensor]:
@@ -272,7 +302,20 @@ class TaskBase(L.LightningModule):
         """Number of images in `batch` (for logging averages)."""
         raise NotImplementedError
 
+    def on_train_epoch_start(self) -> None:
+        self._seen_in_epoch = 0
+
+    def on_train_epoch_end(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if datamodule is not None and hasattr(datamodule, "take_skip_report"):
+            report = datamodule.take_skip_report(getattr(self, "_seen_in_epoch", 0))
+            if report:
+                self.print(report)
+
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
+        if batch is None:  # every image of this batch was unreadable (counted by the data module)
+            return None
+        self._seen_in_epoch = getattr(self, "_seen_in_epoch", 0) + self.batch_size_of(batch)
         losses = self.training_losses(batch)
         bad = [name for name, value in losses.items() if not torch.isfinite(value.detach()).all()]
         if bad:

@@ -1,0 +1,127 @@
+"""Bad input through the CLI: one clear message (exit 2, no traceback) or skip + count + report."""
+
+from __future__ import annotations
+
+import pickle
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+
+from tests.conftest import COMMON_TRAINER_ARGS, make_image_folder, read_metrics
+
+CONFIG = "configs/classification/imagenet_resnet50.yaml"
+SMALL = ["--data.crop_size", "32", "--data.resize_size", "36", "--data.batch_size", "8", "--data.num_workers", "0",
+         "--model.backbone.name", "resnet18", "--model.optimizer.lr", "0.01"]  # fmt: skip
+
+
+def assert_one_clear_error(code: int, err: str, *must_contain: str) -> str:
+    """Exit 2, exactly one `error:` line containing every fragment, and no traceback."""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    for fragment in must_contain:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.fixture
+def folder_with_one_corrupt_train_image(tmp_path: Path) -> tuple[Path, Path]:
+    root = make_image_folder(tmp_path / "data", per_class=12)
+    bad = root / "train" / "red" / "red_003.jpg"
+    _truncate(bad)
+    return root, bad
+
+
+def test_corrupt_training_image_is_skipped_counted_and_reported(
+    run_cli, folder_with_one_corrupt_train_image: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, bad = folder_with_one_corrupt_train_image
+    code, out, err = run_cli("fit", "--config", CONFIG, "--data.root", root, *SMALL, "--trainer.max_epochs", "1",
+                             "--data.max_skipped_fraction", "0.05", "--trainer.default_root_dir", tmp_path / "run",
+                             *COMMON_TRAINER_ARGS)  # fmt: skip
+    assert code == 0, err
+    assert "skipped 1 unreadable training image(s)" in out and str(bad) in out
+    assert "top1" in read_metrics(out)
+
+
+def test_too_many_corrupt_training_images_fail_the_epoch(
+    run_cli, folder_with_one_corrupt_train_image: tuple[Path, Path], tmp_path: Path
+) -> None:
+    root, bad = folder_with_one_corrupt_train_image
+    code, out, err = run_cli("fit", "--config", CONFIG, "--data.root", root, *SMALL, "--trainer.max_epochs", "1",
+                             "--trainer.default_root_dir", tmp_path / "run", *COMMON_TRAINER_ARGS)  # fmt: skip
+    assert_one_clear_error(code, err, str(bad), "max_skipped_fraction")
+
+
+def test_corrupt_validation_image_is_an_error_naming_the_file(run_cli, tmp_path: Path) -> None:
+    root = make_image_folder(tmp_path / "data", per_class=4)
+    bad = root / "val" / "green" / "green_001.jpg"
+    bad.write_bytes(b"not an image at all")
+    for workers in ("0", "1"):
+        code, out, err = run_cli("validate", "--config", CONFIG, "--data.root", root, *SMALL,
+                                 "--data.num_workers", workers, "--trainer.default_root_dir", tmp_path / "run",
+                                 *COMMON_TRAINER_ARGS)  # fmt: skip
+        assert_one_clear_error(code, err, str(bad))
+
+
+def test_checkpoint_for_another_model_is_explained(run_cli, image_folder: Path, tmp_path: Path) -> None:
+    code, out, err = run_cli("fit", "--config", CONFIG, "--data.root", image_folder, *SMALL,
+                             "--trainer.max_steps", "1", "--trainer.default_root_dir", tmp_path / "run",
+                             *COMMON_TRAINER_ARGS)  # fmt: skip
+    assert code == 0, err
+    ckpt = next((tmp_path / "run").rglob("last.ckpt"))
+    # The CLI rebuilds the model from the checkpoint's hyper-parameters; in Python a different model is explained.
+    from resnet_tasks import ClassificationTask
+    from resnet_tasks.errors import UserError
+
+    other = ClassificationTask(num_classes=3, backbone={"name": "resnet34"})
+    with pytest.raises(UserError, match="does not fit.*missing.*resnet18"):
+        other.on_load_checkpoint(torch.load(ckpt, weights_only=True))
+    four = make_image_folder(tmp_path / "four", classes=("a", "b", "c", "d"), per_class=2)
+    code, out, err = run_cli("validate", "--config", CONFIG, "--data.root", four, *SMALL, "--ckpt_path", ckpt,
+                             "--trainer.default_root_dir", tmp_path / "run3", *COMMON_TRAINER_ARGS)  # fmt: skip
+    assert_one_clear_error(code, err, "fc.weight", "num_classes 3")
+
+
+def test_missing_torchvision_weights_name_the_file_and_url(
+    run_cli, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty_torch_home"))
+    code, out, err = run_cli("fit", "--config", CONFIG, "--data.root", image_folder, *SMALL,
+                             "--model.backbone.weights", "ResNet18_Weights.IMAGENET1K_V1", "--trainer.max_steps", "1",
+                             "--trainer.default_root_dir", tmp_path / "run", *COMMON_TRAINER_ARGS)  # fmt: skip
+    url = torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url
+    assert_one_clear_error(code, err, url, str(tmp_path / "empty_torch_home"))
+
+
+class _Payload:
+    def __reduce__(self):  # pragma: no cover - must never run
+        return (shutil.rmtree, ("/nonexistent-resnet-tasks-marker",))
+
+
+def test_weights_file_that_would_run_code_is_refused(run_cli, image_folder: Path, tmp_path: Path) -> None:
+    path = tmp_path / "evil.pth"
+    with open(path, "wb") as handle:
+        pickle.dump({"conv1.weight": _Payload()}, handle)
+    code, out, err = run_cli("fit", "--config", CONFIG, "--data.root", image_folder, *SMALL,
+                             "--model.backbone.weights", path, "--trainer.max_steps", "1",
+                             "--trainer.default_root_dir", tmp_path / "run", *COMMON_TRAINER_ARGS)  # fmt: skip
+    assert_one_clear_error(code, err, str(path), "execute code")
+
+
+def test_wrong_backbone_weights_file_gives_key_summary(run_cli, image_folder: Path, tmp_path: Path) -> None:
+    path = tmp_path / "r50.pth"
+    torch.save(torchvision.models.resnet50().state_dict(), path)
+    code, out, err = run_cli("fit", "--config", CONFIG, "--data.root", image_folder, *SMALL,
+                             "--model.backbone.weights", path, "--trainer.max_steps", "1",
+                             "--trainer.default_root_dir", tmp_path / "run", *COMMON_TRAINER_ARGS)  # fmt: skip
+    assert_one_clear_error(code, err, str(path))
