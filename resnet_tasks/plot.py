@@ -119,8 +119,9 @@ def main(argv: list[str]) -> None:
     )
     parser.add_argument("runs", nargs="+", help="run directories (--trainer.default_root_dir) or metrics.csv files")
     parser.add_argument("--metric", action="append", default=None, help="metric to draw (repeatable)")
-    parser.add_argument("--error", action="store_true",
-                        help="the ResNet paper's Figure 6: training (thin) and validation (bold) error, in %%")  # fmt: skip
+    parser.add_argument(
+        "--error", action="store_true", help="the ResNet paper's Figure 6: training (thin) / validation (bold) error"
+    )
     parser.add_argument("--smooth", type=int, default=20, help="moving-average window for train/* curves")
     parser.add_argument("--out", type=Path, default=Path("curves.png"), help="output PNG")
     args = parser.parse_args(argv)

@@ -30,7 +30,8 @@ def trained_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
     root_dir = tmp_path_factory.mktemp("run")
     args = ["fit", "--config", IMAGENET_CONFIG, "--data.root", str(image_folder), *SMALL_DATA, *SMALL_MODEL,
-            "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(root_dir), *COMMON_TRAINER_ARGS]
+            "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(root_dir), "--trainer.log_every_n_steps", "1",
+            *COMMON_TRAINER_ARGS]
     main(args)
     last = next(root_dir.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
     return {"root_dir": root_dir, "ckpt": last}
@@ -201,3 +202,19 @@ def test_mixup_cutmix_and_label_smoothing_train(image_folder: Path) -> None:
     assert set(losses) == {"loss_cls"} and torch.isfinite(losses["loss_cls"])
     losses["loss_cls"].backward()
     assert model.fc.weight.grad is not None
+
+
+def test_plot_draws_training_curves_and_the_error_figure(run_cli, trained_run: dict[str, Path], tmp_path: Path) -> None:
+    from resnet_tasks.plot import find_metrics_csv, read_curves
+
+    curves = read_curves(find_metrics_csv(trained_run["root_dir"]))
+    assert len(curves["train/error"]) == 6 and len(curves["val/top1"]) == 2
+    assert all(0.0 <= value <= 1.0 for _, value in curves["train/error"])
+    for extra in ([], ["--error"]):
+        out_png = tmp_path / f"plot{len(extra)}.png"
+        code, out, err = run_cli("plot", trained_run["root_dir"], *extra, "--out", out_png)
+        assert code == 0, err
+        with Image.open(out_png) as image:
+            assert image.size[0] > 400 and image.getextrema() != ((255, 255),) * 3
+    code, out, err = run_cli("plot", tmp_path / "nothing-here")
+    assert code == 2 and "No metrics.csv" in err
