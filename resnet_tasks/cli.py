@@ -45,9 +45,10 @@ def collect_metrics(trainer: L.Trainer, prefix: str) -> dict[str, float]:
 def write_metrics_json(trainer: L.Trainer, prefix: str) -> Path | None:
     """Write `metrics.json` into the run's log directory (rank 0 only) and print its path."""
     metrics = collect_metrics(trainer, prefix)
+    # `trainer.log_dir` is a collective (a broadcast) under DDP: every rank must ask for it.
+    out_dir = Path(trainer.log_dir or trainer.default_root_dir)
     if not trainer.is_global_zero or not metrics:
         return None
-    out_dir = Path(trainer.log_dir or trainer.default_root_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "metrics.json"
     path.write_text(json.dumps(metrics, indent=2, allow_nan=True) + "\n")

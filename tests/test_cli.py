@@ -112,6 +112,11 @@ def test_non_finite_loss_skips_then_aborts_naming_the_term() -> None:
     model.print = lambda *args, **kwargs: None  # type: ignore[method-assign]
     batch = {"image": torch.zeros(1, 3, 8, 8), "label": torch.zeros(1, dtype=torch.long)}
     for _ in range(model.max_consecutive_bad_steps - 1):
-        assert model.training_step(batch, 0) is None
+        loss = model.training_step(batch, 0)
+        assert loss.item() == 0.0 and model._skip_optimizer_step
+        loss.backward()
+        assert all(p.grad is not None and not p.grad.any() for p in model.parameters() if p.requires_grad)
+        model.zero_grad(set_to_none=True)
+        model._skip_optimizer_step = False
     with pytest.raises(UserError, match="loss_cls"):
         model.training_step(batch, 0)

@@ -168,6 +168,7 @@ class TaskBase(L.LightningModule):
         self._pretrained_loaded = False
         self._restored_from_checkpoint = False
         self._bad_steps = 0
+        self._skip_optimizer_step = False
 
     # ----------------------------------------------------------------- hyper-parameters
     def save_task_hyperparameters(self, **extra_ignore: Any) -> None:
@@ -312,34 +313,71 @@ class TaskBase(L.LightningModule):
             if report:
                 self.print(report)
 
-    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor | None:
-        if batch is None:  # every image of this batch was unreadable (counted by the data module)
-            return None
-        self._seen_in_epoch = getattr(self, "_seen_in_epoch", 0) + self.batch_size_of(batch)
-        losses = self.training_losses(batch)
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        losses = self.training_losses(batch) if batch is not None else {}
         bad = [name for name, value in losses.items() if not torch.isfinite(value.detach()).all()]
-        if bad:
-            self._bad_steps += 1
-            message = (
-                f"Non-finite loss term(s) {bad} at step {self.global_step} "
-                f"({self._bad_steps} consecutive); skipping this step."
-            )
-            if self._bad_steps >= self.max_consecutive_bad_steps:
-                raise UserError(
-                    f"Training diverged: loss term(s) {bad} were non-finite for {self._bad_steps} consecutive "
-                    "steps. Lower --model.optimizer.lr, add warmup (--model.scheduler.warmup_steps), or use "
-                    "bf16-mixed instead of 16-mixed precision."
-                )
-            self.print(message)
-            return None
+        # Every rank must take the same decision: a rank that skipped alone would leave DDP's gradient
+        # all-reduce waiting. One collective carries both flags.
+        flags = torch.tensor([float(bool(bad)), float(batch is None)], device=self.device)
+        if self._trainer is not None and self.trainer.world_size > 1:
+            flags = self.trainer.strategy.reduce(flags, reduce_op="max")
+        any_bad, any_empty = bool(flags[0]), bool(flags[1])
+        if any_bad or any_empty:
+            self._skip_optimizer_step = True
+            if any_bad:
+                self._count_bad_step(bad or ["(on another rank)"])
+            # A zero loss that touches every trainable parameter: backward (and DDP's sync) still run, the
+            # gradients are zero, and optimizer_step below leaves the weights and optimizer state untouched.
+            zero = torch.zeros((), device=self.device)
+            return sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad), zero)
         self._bad_steps = 0
-        loss = sum(losses.values())
         size = self.batch_size_of(batch)
+        self._seen_in_epoch = getattr(self, "_seen_in_epoch", 0) + size
+        loss = sum(losses.values())
         if len(losses) > 1:
             for name, value in losses.items():
                 self.log(f"train/{name}", value.detach(), batch_size=size)
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
         return loss
+
+    def _count_bad_step(self, bad: list[str]) -> None:
+        self._bad_steps += 1
+        if self._bad_steps >= self.max_consecutive_bad_steps:
+            raise UserError(
+                f"Training diverged: loss term(s) {bad} were non-finite for {self._bad_steps} consecutive "
+                "steps. Lower --model.optimizer.lr, add warmup (--model.scheduler.warmup_steps), or use "
+                "bf16-mixed instead of 16-mixed precision."
+            )
+        self.print(
+            f"Non-finite loss term(s) {bad} at step {self.global_step} ({self._bad_steps} consecutive); "
+            "skipping this step."
+        )
+
+    def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
+        """Lightning's step, except that a step flagged by `training_step` leaves weights and state as they are.
+
+        The closure (forward + backward) runs inside `optimizer.step` for some precision plugins and before
+        it for others, so the decision is taken in the innermost `step` call, after the closure has run.
+        """
+        inner = getattr(optimizer, "optimizer", optimizer)
+        original_step = inner.step
+
+        def step_unless_skipped(closure: Any = None, **kwargs: Any) -> Any:
+            result = closure() if closure is not None else None
+            if self._skip_optimizer_step:
+                self._skip_optimizer_step = False
+                return result
+            return original_step(**kwargs)
+
+        patched_by_someone = "step" in vars(inner)  # e.g. an LR scheduler's step counter
+        inner.step = step_unless_skipped
+        try:
+            optimizer.step(closure=optimizer_closure)
+        finally:
+            if patched_by_someone:
+                inner.step = original_step
+            else:
+                del inner.step
 
     # ----------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:

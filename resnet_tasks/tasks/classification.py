@@ -7,6 +7,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
@@ -72,6 +73,9 @@ class ClassificationTask(TaskBase):
                 "top5": MulticlassAccuracy(num_classes, top_k=top5, average="micro"),
             }
         )
+        # Float sums synced with "sum": exact under DDP with uneven shards, unlike self.log(sync_dist=True), whose
+        # mean floors an integer batch count (Lightning issue #21838).
+        self.mean_loss = MeanMetric()
 
     @staticmethod
     def _batch_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> v2.Transform | None:
@@ -116,7 +120,7 @@ class ClassificationTask(TaskBase):
         if self.batch_mix is not None:
             images, labels = self.batch_mix(images, labels)
         logits = self(images)
-        if labels.ndim == 1:  # hard labels (no mixup/cutmix): the paper's training error curve
+        if labels.ndim == 1 and self._trainer is not None:  # hard labels: the paper's training error curve
             error = (logits.detach().argmax(dim=1) != labels).float().mean()
             self.log("train/error", error, batch_size=len(labels))
         return {"loss_cls": F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)}
@@ -125,8 +129,8 @@ class ClassificationTask(TaskBase):
         logits = self(batch["image"])
         labels = batch["label"]
         size = self.batch_size_of(batch)
-        loss = F.cross_entropy(logits, labels)
-        self.log(f"{prefix}/loss", loss, batch_size=size, sync_dist=True)
+        self.mean_loss.update(F.cross_entropy(logits, labels), weight=size)
+        self.log(f"{prefix}/loss", self.mean_loss, batch_size=size)
         for name, metric in self.metrics.items():
             metric.update(logits, labels)
             self.log(f"{prefix}/{name}", metric, batch_size=size, prog_bar=name == "top1")
