@@ -30,8 +30,8 @@ def trained_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) ->
 
     root_dir = tmp_path_factory.mktemp("run")
     args = ["fit", "--config", IMAGENET_CONFIG, "--data.root", str(image_folder), *SMALL_DATA, *SMALL_MODEL,
-            "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(root_dir), "--trainer.log_every_n_steps", "1",
-            *COMMON_TRAINER_ARGS]
+            "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(root_dir),
+            "--trainer.log_every_n_steps", "1", *COMMON_TRAINER_ARGS]
     main(args)
     last = next(root_dir.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
     return {"root_dir": root_dir, "ckpt": last}

@@ -8,23 +8,28 @@ import torch
 from torchmetrics import Metric
 
 
-def confusion_counts(preds: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255) -> torch.Tensor:
+def confusion_counts(
+    preds: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255
+) -> torch.Tensor:
     """(C, C) int64 confusion matrix of one batch: rows = target class, columns = predicted class.
 
     Pixels whose target is `ignore_index` (or any id outside 0..C-1) do not count.
 
     `torch.bincount` is used directly on every device. It is exact and allowed in deterministic mode
     (PyTorch only refuses the CUDA kernel when `weights=` is given), whereas torchmetrics' `_bincount`
-    switches to an (N x C^2) comparison matrix whenever deterministic algorithms are enabled: ~3 s and
-    hundreds of MB for 200k pixels of 21 classes, against ~15 ms for 1.5M pixels here.
+    switches to an (N x C^2) comparison matrix whenever deterministic algorithms are enabled (~3 s and
+    hundreds of MB for 200k pixels of 21 classes; 2.6 GB for four 500x375 VOC masks), against tens of
+    milliseconds here.
     """
-    preds = preds.reshape(-1)
-    target = target.reshape(-1)
+    target = target.reshape(-1).long()
+    preds = preds.reshape(-1).long()
     valid = (target >= 0) & (target < num_classes)
     if ignore_index is not None and 0 <= ignore_index < num_classes:
         valid &= target != ignore_index
-    index = target[valid].long() * num_classes + preds[valid].long().clamp_(0, num_classes - 1)
-    counts = torch.bincount(index, minlength=num_classes * num_classes)
+    # Ignored pixels go to one extra bin that is dropped: cheaper than boolean-mask selection.
+    square = num_classes * num_classes
+    index = torch.where(valid, target * num_classes + preds.clamp(0, num_classes - 1), square)
+    counts = torch.bincount(index, minlength=square + 1)[:square]
     return counts.reshape(num_classes, num_classes)
 
 

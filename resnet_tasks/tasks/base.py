@@ -82,6 +82,11 @@ class SchedulerConfig:
     min_lr: float = 0.0
 
 
+def _no_weights(spec: str | None) -> bool:
+    """True for an unset weights spec (jsonargparse may hand `null` on the command line over as "None")."""
+    return spec is None or str(spec).strip().lower() in ("", "none", "null")
+
+
 def _as_config(value: Any, cls: type) -> Any:
     """Accept a dataclass instance, a dict (from a checkpoint's hyper-parameters) or None (the defaults)."""
     if value is None:
@@ -157,6 +162,9 @@ class TaskBase(L.LightningModule):
     ) -> None:
         super().__init__()
         self.backbone_config: BackboneConfig = _as_config(backbone, BackboneConfig)
+        if _no_weights(self.backbone_config.weights):
+            self.backbone_config.weights = None
+        weights = None if _no_weights(weights) else weights
         self.optimizer_config: OptimizerConfig = _as_config(optimizer, OptimizerConfig)
         self.scheduler_config: SchedulerConfig = _as_config(scheduler, SchedulerConfig)
         self.weights = weights

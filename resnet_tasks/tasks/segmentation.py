@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -52,6 +53,12 @@ def _canonical_class_names(names: list[str]) -> list[str]:
     return ["background" if name == "__background__" else name for name in names]
 
 
+def _is_missing_file(spec: str) -> bool:
+    """True for a weights path (it has a file suffix) that does not exist; enum names are never files."""
+    path = Path(spec).expanduser()
+    return path.suffix.lower() in (".pth", ".pt", ".ckpt") and not path.exists()
+
+
 def resize_logits_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of (N, C, h, w) logits to `size` (no-op when it already has that size)."""
     if tuple(logits.shape[-2:]) == tuple(size):
@@ -84,9 +91,14 @@ class SegmentationTask(TaskBase):
         weights: str | None = None,
         aux_loss: bool = True,
         aux_weight: float = 0.5,
+        aux_lr_mult: float = 1.0,
         ignore_index: int = IGNORE_INDEX,
     ) -> None:
-        label_space = label_space_of_weights(weights, head_key="classifier.4.weight") if weights else None
+        label_space = None
+        # A checkpoint restored with load_from_checkpoint knows its num_classes; its weights file may be gone
+        # (a missing file is still reported when it is actually needed, by load_pretrained in setup).
+        if weights and not (num_classes is not None and _is_missing_file(weights)):
+            label_space = label_space_of_weights(weights, head_key="classifier.4.weight")
         if label_space is not None:
             weight_classes, _ = label_space
             if num_classes is not None and num_classes != weight_classes:
@@ -109,6 +121,7 @@ class SegmentationTask(TaskBase):
             self.class_names = _canonical_class_names(list(label_space[1]))
         self.aux_loss = aux_loss
         self.aux_weight = aux_weight
+        self.aux_lr_mult = aux_lr_mult
         self.ignore_index = ignore_index
         self.model = FCN(self.build_backbone(output_stride=8), num_classes, aux_loss=aux_loss)
         if self.backbone_config.norm == "sync_bn":
@@ -122,6 +135,26 @@ class SegmentationTask(TaskBase):
     # ------------------------------------------------------------------ model and weights
     def backbone_module(self) -> nn.Module:
         return self.model.backbone
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """The base groups, with the auxiliary head's parameters split off at `aux_lr_mult` x the LR.
+
+        torchvision's FCN recipe trains the auxiliary head at 10x the base LR.
+        """
+        groups = super().parameter_groups()
+        if self.model.aux_classifier is None or self.aux_lr_mult == 1.0:
+            return groups
+        aux_ids = {id(p) for p in self.model.aux_classifier.parameters()}
+        result = []
+        for group in groups:
+            own = [p for p in group["params"] if id(p) not in aux_ids]
+            aux = [p for p in group["params"] if id(p) in aux_ids]
+            if own:
+                result.append({**group, "params": own})
+            if aux:
+                name = group["name"].replace("head", "aux_head", 1)
+                result.append({**group, "params": aux, "lr": group["lr"] * self.aux_lr_mult, "name": name})
+        return result
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (N, num_classes, H, W) at the input size for a batch of normalised images."""
