@@ -151,12 +151,6 @@ def test_classification_ddp_matches_one_process(tmp_path: Path) -> None:
     check_ddp_fit(tmp_path, output, "top1")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="torchmetrics' MeanAveragePrecision all-gathers one tensor per image, so ranks holding different image "
-    "counts (EvalShardSampler, no padding) issue mismatched collectives; needs a sync by all_gather_object in "
-    "resnet_tasks/evaluation/detection.py (see the Scale report). Remove this mark with that fix.",
-)
 def test_detection_ddp_matches_one_process(tiny_shapes: Path, tmp_path: Path) -> None:
     data = ["--data.root", str(tiny_shapes / "coco"), "--data.eval_batch_size", "4"]
     checkpoint, reference = fit_reference(DETECTION, data, tmp_path)

@@ -1,0 +1,700 @@
+"""COCO-format detection data: compact annotation storage, the detection dataset and transforms, aspect-ratio
+grouped batches, and the COCO / shapes detection data modules (VOC reuses all of it from `voc.py`)."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import albumentations as A
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_warn
+from torch.utils.data import Dataset, Sampler
+
+from resnet_tasks.data.common import (
+    BaseDataModule,
+    TrainSampler,
+    list_images,
+    read_image,
+)
+from resnet_tasks.errors import UserError
+
+BACKGROUND_NAME = "__background__"
+
+COCO_LAYOUT = """Expected COCO layout under --data.root:
+  annotations/instances_train2017.json
+  annotations/instances_val2017.json
+  train2017/*.jpg
+  val2017/*.jpg
+(split names follow --data.train_split / --data.val_split / --data.test_split)"""
+
+
+# ----------------------------------------------------------------------------------------------- storage
+@dataclass
+class DetectionAnnotations:
+    """All annotations of one split as flat numpy arrays (Detectron2's serialize idea).
+
+    Image i owns objects `offsets[i]:offsets[i+1]` of `boxes` (float32 XYXY, pixels), `labels` (int64,
+    contiguous 1..K), `crowd` / `difficult` (uint8) and `areas` (float32; COCO's annotation area). A DataLoader
+    worker touching these arrays does not copy them (no per-object Python refcounts), unlike a list of dicts.
+    `file_names` are relative to `root`, in one numpy bytes array. `image_ids` are the dataset's ids (COCO) or
+    positions (VOC, whose results use the file stem: `string_ids`).
+    """
+
+    root: str
+    file_names: np.ndarray
+    image_ids: np.ndarray
+    heights: np.ndarray
+    widths: np.ndarray
+    offsets: np.ndarray
+    boxes: np.ndarray
+    labels: np.ndarray
+    crowd: np.ndarray
+    difficult: np.ndarray
+    areas: np.ndarray
+    string_ids: bool = False
+    clipped_boxes: int = 0
+    dropped_boxes: int = 0
+    source: str = ""
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def file_name(self, index: int) -> str:
+        return self.file_names[index].decode("utf-8")
+
+    def image_path(self, index: int) -> Path:
+        return Path(self.root) / self.file_name(index)
+
+    def result_image_id(self, index: int) -> int | str:
+        """The image id written to results: the COCO id, or the file stem for datasets without ids (VOC)."""
+        if self.string_ids:
+            return Path(self.file_name(index)).stem
+        return int(self.image_ids[index])
+
+    def objects(self, index: int) -> slice:
+        return slice(int(self.offsets[index]), int(self.offsets[index + 1]))
+
+    def subset(self, keep: np.ndarray) -> DetectionAnnotations:
+        """The images where `keep` is True (objects re-packed)."""
+        indices = np.flatnonzero(keep)
+        spans = [np.arange(self.offsets[i], self.offsets[i + 1]) for i in indices]
+        objects = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
+        counts = self.offsets[indices + 1] - self.offsets[indices]
+        return DetectionAnnotations(
+            root=self.root,
+            file_names=self.file_names[indices],
+            image_ids=self.image_ids[indices],
+            heights=self.heights[indices],
+            widths=self.widths[indices],
+            offsets=np.concatenate(([0], np.cumsum(counts))).astype(np.int64),
+            boxes=self.boxes[objects],
+            labels=self.labels[objects],
+            crowd=self.crowd[objects],
+            difficult=self.difficult[objects],
+            areas=self.areas[objects],
+            string_ids=self.string_ids,
+            clipped_boxes=self.clipped_boxes,
+            dropped_boxes=self.dropped_boxes,
+            source=self.source,
+        )
+
+    def report_fixed_boxes(self) -> None:
+        """One warning per split naming how many boxes were clipped to the image or dropped as degenerate."""
+        if self.clipped_boxes or self.dropped_boxes:
+            rank_zero_warn(
+                f"{self.source}: clipped {self.clipped_boxes} box(es) to their image and dropped "
+                f"{self.dropped_boxes} degenerate box(es) (no area inside the image)."
+            )
+
+
+@dataclass
+class AnnotationBuilder:
+    """Collects per-image objects, clips boxes to the image and drops degenerate ones, then packs arrays."""
+
+    root: str
+    source: str
+    string_ids: bool = False
+    file_names: list[str] = field(default_factory=list)
+    image_ids: list[int] = field(default_factory=list)
+    heights: list[int] = field(default_factory=list)
+    widths: list[int] = field(default_factory=list)
+    counts: list[int] = field(default_factory=list)
+    boxes: list[np.ndarray] = field(default_factory=list)
+    labels: list[np.ndarray] = field(default_factory=list)
+    crowd: list[np.ndarray] = field(default_factory=list)
+    difficult: list[np.ndarray] = field(default_factory=list)
+    areas: list[np.ndarray] = field(default_factory=list)
+    clipped: int = 0
+    dropped: int = 0
+
+    def add_image(
+        self,
+        file_name: str,
+        image_id: int,
+        height: int,
+        width: int,
+        boxes_xyxy: np.ndarray,
+        labels: np.ndarray,
+        crowd: np.ndarray,
+        difficult: np.ndarray,
+        areas: np.ndarray,
+    ) -> None:
+        boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+        clipped = boxes.copy()
+        clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
+        clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
+        valid = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
+        self.dropped += int((~valid).sum())
+        self.clipped += int((valid & np.any(clipped != boxes, axis=1)).sum())
+        self.file_names.append(file_name)
+        self.image_ids.append(int(image_id))
+        self.heights.append(int(height))
+        self.widths.append(int(width))
+        self.counts.append(int(valid.sum()))
+        self.boxes.append(clipped[valid].astype(np.float32))
+        self.labels.append(np.asarray(labels, dtype=np.int64)[valid])
+        self.crowd.append(np.asarray(crowd, dtype=np.uint8)[valid])
+        self.difficult.append(np.asarray(difficult, dtype=np.uint8)[valid])
+        self.areas.append(np.asarray(areas, dtype=np.float32)[valid])
+
+    def build(self) -> DetectionAnnotations:
+        def cat(parts: list[np.ndarray], dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
+            return np.concatenate(parts).astype(dtype) if parts else np.zeros(shape, dtype=dtype)
+
+        return DetectionAnnotations(
+            root=self.root,
+            file_names=np.array([name.encode("utf-8") for name in self.file_names], dtype=np.bytes_),
+            image_ids=np.asarray(self.image_ids, dtype=np.int64),
+            heights=np.asarray(self.heights, dtype=np.int32),
+            widths=np.asarray(self.widths, dtype=np.int32),
+            offsets=np.concatenate(([0], np.cumsum(self.counts, dtype=np.int64))).astype(np.int64),
+            boxes=cat(self.boxes, np.float32, (0, 4)).reshape(-1, 4),
+            labels=cat(self.labels, np.int64, (0,)),
+            crowd=cat(self.crowd, np.uint8, (0,)),
+            difficult=cat(self.difficult, np.uint8, (0,)),
+            areas=cat(self.areas, np.float32, (0,)),
+            string_ids=self.string_ids,
+            clipped_boxes=self.clipped,
+            dropped_boxes=self.dropped,
+            source=self.source,
+        )
+
+
+# ----------------------------------------------------------------------------------------------- COCO JSON
+def read_json(path: Path) -> Any:
+    """Parse a JSON file; a syntax error becomes a UserError naming the file, line and column."""
+    try:
+        with open(path, "rb") as handle:
+            return json.load(handle)
+    except json.JSONDecodeError as error:
+        raise UserError(
+            f"Malformed JSON in {path}: {error.msg} at line {error.lineno}, column {error.colno}. "
+            "Fix or re-download the annotation file."
+        ) from None
+    except UnicodeDecodeError as error:
+        raise UserError(f"Annotation file {path} is not UTF-8 JSON ({error}). Re-download it.") from None
+
+
+def coco_categories(data: Any, path: Path) -> list[dict[str, Any]]:
+    """The `categories` list of a COCO file, sorted by id, checked for ids and names."""
+    if not isinstance(data, dict) or not isinstance(data.get("categories"), list) or not data["categories"]:
+        raise UserError(
+            f"{path} has no 'categories' list; a COCO instances file holds 'images', 'annotations' and "
+            "'categories'."
+        )
+    categories = []
+    for entry in data["categories"]:
+        if not isinstance(entry, dict) or not isinstance(entry.get("id"), int) or "name" not in entry:
+            raise UserError(f"{path}: category entry {entry!r} needs an integer 'id' and a 'name'.")
+        categories.append(entry)
+    return sorted(categories, key=lambda entry: entry["id"])
+
+
+def parse_coco_annotations(
+    path: Path, image_folder: str, root: Path, category_ids: Sequence[int], data: Any | None = None
+) -> DetectionAnnotations:
+    """Read a COCO instances file into compact arrays; category ids become contiguous labels 1..K.
+
+    `category_ids` is the sorted id list that defines the labels (label k <-> category_ids[k-1]). The parsed
+    JSON is dropped on return: only numpy arrays survive.
+    """
+    if data is None:
+        data = read_json(path)
+    if not isinstance(data.get("images"), list):
+        raise UserError(f"{path} has no 'images' list; is it a COCO instances file?")
+    label_of = {category_id: label for label, category_id in enumerate(category_ids, start=1)}
+    images = data["images"]
+    position: dict[int, int] = {}
+    for index, image in enumerate(images):
+        try:
+            position[int(image["id"])] = index
+            image["file_name"], image["width"], image["height"]  # noqa: B018 - presence check
+        except (KeyError, TypeError, ValueError):
+            raise UserError(
+                f"{path}: image entry {image!r} needs 'id', 'file_name', 'width' and 'height'."
+            ) from None
+    per_image: list[list[dict[str, Any]]] = [[] for _ in images]
+    for annotation in data.get("annotations") or []:
+        image_id = annotation.get("image_id")
+        if image_id not in position:
+            raise UserError(
+                f"{path}: annotation {annotation.get('id')} refers to image id {image_id}, which is not in "
+                "'images'."
+            )
+        category_id = annotation.get("category_id")
+        if category_id not in label_of:
+            file_name = images[position[image_id]]["file_name"]
+            raise UserError(
+                f"{path}: image {file_name} (id {image_id}) has an annotation with category id {category_id}, "
+                f"which is not among the categories {list(category_ids)}. Fix the annotation or the "
+                "'categories' list."
+            )
+        bbox = annotation.get("bbox")
+        if not isinstance(bbox, (list, tuple)) or len(bbox) != 4:
+            raise UserError(
+                f"{path}: annotation {annotation.get('id')} (image id {image_id}) has bbox {bbox!r}; expected "
+                "[x, y, width, height]."
+            )
+        per_image[position[image_id]].append(annotation)
+    builder = AnnotationBuilder(root=str(root), source=str(path))
+    for image, objects in zip(images, per_image):
+        xywh = np.asarray([a["bbox"] for a in objects], dtype=np.float64).reshape(-1, 4)
+        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        builder.add_image(
+            file_name=f"{image_folder}/{image['file_name']}",
+            image_id=int(image["id"]),
+            height=int(image["height"]),
+            width=int(image["width"]),
+            boxes_xyxy=boxes,
+            labels=np.asarray([label_of[a["category_id"]] for a in objects], dtype=np.int64),
+            crowd=np.asarray([int(a.get("iscrowd", 0)) for a in objects], dtype=np.uint8),
+            difficult=np.zeros(len(objects), dtype=np.uint8),
+            # COCO's area is the segment's area (what COCOeval's size buckets use); boxes-only files get w*h.
+            areas=np.asarray([float(a.get("area", w * h)) for a, (w, h) in zip(objects, xywh[:, 2:])]),
+        )
+    return builder.build()
+
+
+# ----------------------------------------------------------------------------------------------- transforms
+def detection_train_transform(hflip_prob: float = 0.5, scale_jitter: float = 0.0) -> A.Compose:
+    """Training augmentation: horizontal flip (+ optional light scale jitter); boxes follow, stay inside.
+
+    Resizing to the model's size is GeneralizedRCNNTransform's job (inside the model), as in torchvision.
+    """
+    steps: list[Any] = [A.HorizontalFlip(p=hflip_prob)]
+    if scale_jitter > 0:
+        steps.append(A.RandomScale(scale_limit=scale_jitter, p=1.0))
+    return A.Compose(
+        steps,
+        bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], clip=True, filter_invalid_bboxes=True),
+    )
+
+
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """HxWx3 uint8 -> 3xHxW float32 in [0, 1] (the detector normalises with ImageNet statistics itself)."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
+
+
+def detection_collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list, list]:
+    """Images of different sizes stay a list (the model batches them after resizing)."""
+    images, targets = zip(*batch)
+    return list(images), list(targets)
+
+
+class DetectionDataset(Dataset):
+    """Images + targets from `DetectionAnnotations`.
+
+    A target holds `boxes` float32 (N, 4) XYXY pixels, `labels` int64 (N,), `iscrowd` int64, `difficult`
+    uint8, `area` float32, `image_id` int64, `orig_size` int64 (h, w), plus `index` (position in the split),
+    `image_key` (id written to results) and `file_name`. Training targets drop crowd and difficult objects;
+    evaluation targets keep them, flagged, for the metrics to ignore.
+    """
+
+    def __init__(self, annotations: DetectionAnnotations, train: bool, transform: A.Compose | None = None) -> None:
+        self.annotations = annotations
+        self.train = train
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.annotations)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        ann = self.annotations
+        image = read_image(ann.image_path(index))
+        height, width = image.shape[:2]
+        span = ann.objects(index)
+        boxes = ann.boxes[span].astype(np.float32)
+        labels = ann.labels[span]
+        crowd = ann.crowd[span]
+        difficult = ann.difficult[span]
+        areas = ann.areas[span]
+        if self.train:
+            keep = (crowd == 0) & (difficult == 0)
+            boxes, labels = boxes[keep], labels[keep]
+            # The file's size can disagree with the JSON's; the real pixels decide.
+            boxes[:, 0::2] = boxes[:, 0::2].clip(0, width)
+            boxes[:, 1::2] = boxes[:, 1::2].clip(0, height)
+            valid = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            boxes, labels = boxes[valid], labels[valid]
+            if self.transform is not None:
+                out = self.transform(image=image, bboxes=boxes, labels=labels)
+                image = out["image"]
+                boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
+                labels = np.asarray(out["labels"], dtype=np.int64).reshape(-1)
+            crowd = np.zeros(len(labels), dtype=np.uint8)
+            difficult = np.zeros(len(labels), dtype=np.uint8)
+            areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        target = {
+            "boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1),
+            "iscrowd": torch.as_tensor(crowd, dtype=torch.int64).reshape(-1),
+            "difficult": torch.as_tensor(difficult, dtype=torch.uint8).reshape(-1),
+            "area": torch.as_tensor(areas, dtype=torch.float32).reshape(-1),
+            "image_id": torch.tensor(int(ann.image_ids[index]), dtype=torch.int64),
+            "orig_size": torch.tensor([height, width], dtype=torch.int64),
+            "index": index,
+            "image_key": ann.result_image_id(index),
+            "file_name": ann.file_name(index),
+        }
+        return image_to_tensor(image), target
+
+
+class ImageFolderDetectionDataset(Dataset):
+    """A plain folder of images for `predict` (no annotations): image_key is the file stem."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.files = list_images(folder)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
+        path = self.files[index]
+        image = read_image(path)
+        height, width = image.shape[:2]
+        target = {
+            "boxes": torch.zeros((0, 4), dtype=torch.float32),
+            "labels": torch.zeros((0,), dtype=torch.int64),
+            "image_id": torch.tensor(index, dtype=torch.int64),
+            "orig_size": torch.tensor([height, width], dtype=torch.int64),
+            "index": index,
+            "image_key": path.stem,
+            "file_name": path.name,
+        }
+        return image_to_tensor(image), target
+
+
+# ----------------------------------------------------------------------------------------------- batching
+def aspect_ratio_groups(widths: np.ndarray, heights: np.ndarray, group_factor: int) -> np.ndarray:
+    """Group id per image from width/height quantised on 2k+1 log-spaced bin edges in [1/2, 2] (k = factor).
+
+    The same bins as torchvision's references (`_quantize(aspect_ratios, 2 ** linspace(-1, 1, 2k+1))`).
+    """
+    ratios = widths.astype(np.float64) / np.maximum(heights.astype(np.float64), 1.0)
+    edges = 2.0 ** np.linspace(-1, 1, 2 * group_factor + 1)
+    return np.digitize(ratios, edges)
+
+
+class GroupedBatchSampler(Sampler[list[int]]):
+    """Batches of images from one aspect-ratio group (less padding when the model batches them).
+
+    Draws indices from `sampler` (this rank's shard of a `TrainSampler` under DDP), fills one bucket per group
+    and emits a bucket when it holds `batch_size` indices. At the end the fullest unfinished buckets are
+    topped up with earlier indices of their own group, so every rank yields exactly
+    `len(sampler) // batch_size` batches (equal counts keep DDP ranks in step). `set_epoch` reaches the
+    wrapped sampler (Lightning also finds it as `.sampler`).
+    """
+
+    def __init__(self, sampler: TrainSampler, group_ids: np.ndarray, batch_size: int) -> None:
+        self.sampler = sampler
+        self.group_ids = np.asarray(group_ids)
+        self.batch_size = batch_size
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        buckets: dict[int, list[int]] = defaultdict(list)
+        seen: dict[int, list[int]] = defaultdict(list)
+        emitted = 0
+        for index in self.sampler:
+            group = int(self.group_ids[index])
+            buckets[group].append(index)
+            seen[group].append(index)
+            if len(buckets[group]) == self.batch_size:
+                yield buckets.pop(group)
+                emitted += 1
+        wanted = len(self)
+        for group, bucket in sorted(buckets.items(), key=lambda item: (-len(item[1]), item[0])):
+            if emitted >= wanted:
+                break
+            pool = seen[group]
+            missing = self.batch_size - len(bucket)
+            filler = (pool * math.ceil(missing / len(pool) + 1))[:missing]
+            yield bucket + filler
+            emitted += 1
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+
+# ----------------------------------------------------------------------------------------------- data modules
+class DetectionDataModule(BaseDataModule):
+    """What the COCO and VOC detection modules share: datasets, loaders, grouping, predict folders.
+
+    Label convention: labels 1..K are the object classes, 0 is the background. `class_names` and
+    `label_to_category_id` are indexed by label, so index 0 holds a placeholder ("__background__", id 0) that
+    is never written to results. The writer maps labels back with `label_to_category_id` once.
+    Subclasses implement `load_split(split)`; `evaluation_style` says which extra metrics apply ("coco"|"voc").
+    """
+
+    evaluation_style: str = "coco"
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 2,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        predict_path: str | None = None,
+        pin_memory: bool = True,
+        seed: int = 0,
+        train_split: str = "train",
+        val_split: str = "val",
+        test_split: str = "val",
+        predict_split: str | None = None,
+        aspect_ratio_group_factor: int = 3,
+        hflip_prob: float = 0.5,
+        scale_jitter: float = 0.0,
+        remove_images_without_annotations: bool = True,
+    ) -> None:
+        super().__init__(
+            root=root,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            predict_path=predict_path,
+            pin_memory=pin_memory,
+            seed=seed,
+        )
+        self.train_split = train_split
+        self.val_split = val_split
+        self.test_split = test_split
+        self.predict_split = predict_split or val_split
+        self.aspect_ratio_group_factor = aspect_ratio_group_factor
+        self.hflip_prob = hflip_prob
+        self.scale_jitter = scale_jitter
+        self.remove_images_without_annotations = remove_images_without_annotations
+        self._annotations: dict[str, DetectionAnnotations] = {}
+        self._datasets: dict[str, Dataset] = {}
+
+    # -- subclass API
+    def load_split(self, split: str) -> DetectionAnnotations:
+        raise NotImplementedError
+
+    def annotations(self, split: str) -> DetectionAnnotations:
+        """The split's compact annotations, parsed once per process."""
+        if split not in self._annotations:
+            annotations = self.load_split(split)
+            annotations.report_fixed_boxes()
+            self._annotations[split] = annotations
+        return self._annotations[split]
+
+    def set_label_space(self, names: Sequence[str], category_ids: Sequence[int]) -> None:
+        self.num_classes = len(names)
+        self.class_names = [BACKGROUND_NAME, *names]
+        self.label_to_category_id = [0, *[int(i) for i in category_ids]]
+
+    # -- datasets
+    def train_dataset(self) -> DetectionDataset:
+        annotations = self.annotations(self.train_split)
+        if self.remove_images_without_annotations:
+            # torchvision's recipe trains only on images with at least one usable (non-crowd) object.
+            usable = (annotations.crowd == 0) & (annotations.difficult == 0)
+            running = np.concatenate(([0], np.cumsum(usable, dtype=np.int64)))
+            counts = running[annotations.offsets[1:]] - running[annotations.offsets[:-1]]
+            annotations = annotations.subset(counts > 0)
+        if len(annotations) < self.batch_size:
+            raise UserError(
+                f"Split {self.train_split!r} has {len(annotations)} usable training image(s), fewer than "
+                f"--data.batch_size {self.batch_size}."
+            )
+        transform = detection_train_transform(self.hflip_prob, self.scale_jitter)
+        return DetectionDataset(annotations, train=True, transform=transform)
+
+    def eval_dataset(self, split: str) -> DetectionDataset:
+        return DetectionDataset(self.annotations(split), train=False)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in ("fit", None):
+            self._datasets["train"] = self.train_dataset()
+            self._datasets["val"] = self.eval_dataset(self.val_split)
+        if stage == "validate":
+            self._datasets["val"] = self.eval_dataset(self.val_split)
+        if stage == "test":
+            self._datasets["test"] = self.eval_dataset(self.test_split)
+        if stage == "predict":
+            if self.predict_path is not None:
+                self._datasets["predict"] = ImageFolderDetectionDataset(self.predict_path)
+            else:
+                self._datasets["predict"] = self.eval_dataset(self.predict_split)
+
+    # -- loaders
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        dataset = self._datasets["train"]
+        if self.aspect_ratio_group_factor < 0:
+            return self.loader(dataset, train=True, collate_fn=detection_collate)
+        annotations = dataset.annotations
+        groups = aspect_ratio_groups(annotations.widths, annotations.heights, self.aspect_ratio_group_factor)
+        sampler = TrainSampler(len(dataset), shuffle=True, seed=self.seed)
+        batches = GroupedBatchSampler(sampler, groups, self.batch_size)
+        return self.loader(dataset, train=True, collate_fn=detection_collate, batch_sampler=batches)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return self.loader(self._datasets["val"], train=False, collate_fn=detection_collate)
+
+    def test_dataloader(self) -> torch.utils.data.DataLoader:
+        return self.loader(self._datasets["test"], train=False, collate_fn=detection_collate)
+
+    def predict_dataloader(self) -> torch.utils.data.DataLoader:
+        return self.loader(self._datasets["predict"], train=False, collate_fn=detection_collate)
+
+
+class CocoDetectionDataModule(DetectionDataModule):
+    """COCO instances data: `root/annotations/instances_<split>.json` + `root/<split>/*.jpg`.
+
+    Category ids (sorted) map to labels 1..K, read from the val split's file in `__init__` (so `num_classes`
+    is known at once); train and val must list the same categories. Crowd boxes are kept for evaluation only.
+    """
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 2,
+        eval_batch_size: int | None = None,
+        num_workers: int = 4,
+        predict_path: str | None = None,
+        pin_memory: bool = True,
+        seed: int = 0,
+        train_split: str = "train2017",
+        val_split: str = "val2017",
+        test_split: str = "val2017",
+        predict_split: str | None = None,
+        aspect_ratio_group_factor: int = 3,
+        hflip_prob: float = 0.5,
+        scale_jitter: float = 0.0,
+        remove_images_without_annotations: bool = True,
+    ) -> None:
+        super().__init__(
+            root=root,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            predict_path=predict_path,
+            pin_memory=pin_memory,
+            seed=seed,
+            train_split=train_split,
+            val_split=val_split,
+            test_split=test_split,
+            predict_split=predict_split,
+            aspect_ratio_group_factor=aspect_ratio_group_factor,
+            hflip_prob=hflip_prob,
+            scale_jitter=scale_jitter,
+            remove_images_without_annotations=remove_images_without_annotations,
+        )
+        self.category_ids: list[int] = []
+        if self.root is None and predict_path is not None:
+            return  # predicting on a folder: the label space comes from the model's weights
+        root_dir = self.require_coco_root()
+        path = self.annotation_file(self.val_split)
+        data = read_json(path)
+        categories = coco_categories(data, path)
+        self.category_ids = [entry["id"] for entry in categories]
+        self.set_label_space([str(entry["name"]) for entry in categories], self.category_ids)
+        # The val split is parsed now anyway: keep its compact arrays, drop the JSON.
+        self._annotations[self.val_split] = parse_coco_annotations(
+            path, self.val_split, root_dir, self.category_ids, data
+        )
+        self._annotations[self.val_split].report_fixed_boxes()
+
+    def require_coco_root(self) -> Path:
+        if self.root is None:
+            raise UserError(
+                f"{type(self).__name__} needs a dataset: pass --data.root DIR (or --data.predict_path DIR to "
+                f"predict on a folder of images).\n{COCO_LAYOUT}"
+            )
+        if not self.root.is_dir():
+            raise UserError(f"COCO root {self.root} does not exist. Check --data.root.\n{COCO_LAYOUT}")
+        return self.root
+
+    def annotation_file(self, split: str) -> Path:
+        path = self.require_coco_root() / "annotations" / f"instances_{split}.json"
+        if not path.is_file():
+            raise UserError(f"Missing COCO annotation file {path}.\n{COCO_LAYOUT}")
+        return path
+
+    def load_split(self, split: str) -> DetectionAnnotations:
+        root = self.require_coco_root()
+        path = self.annotation_file(split)
+        images = root / split
+        if not images.is_dir():
+            raise UserError(f"Missing COCO image folder {images}.\n{COCO_LAYOUT}")
+        data = read_json(path)
+        ids = [entry["id"] for entry in coco_categories(data, path)]
+        if ids != self.category_ids:
+            raise UserError(
+                f"{path} lists categories {ids}, but {self.annotation_file(self.val_split)} lists "
+                f"{self.category_ids}; all splits must share one category list."
+            )
+        return parse_coco_annotations(path, split, root, self.category_ids, data)
+
+
+class ShapesDetectionDataModule(CocoDetectionDataModule):
+    """The bundled synthetic shapes set in COCO format (generated on first use under data/shapes)."""
+
+    def __init__(
+        self,
+        root: str | None = None,
+        batch_size: int = 8,
+        eval_batch_size: int | None = None,
+        num_workers: int = 2,
+        predict_path: str | None = None,
+        pin_memory: bool = True,
+        seed: int = 0,
+        train_split: str = "train2017",
+        val_split: str = "val2017",
+        test_split: str = "val2017",
+        predict_split: str | None = None,
+        aspect_ratio_group_factor: int = 3,
+        hflip_prob: float = 0.5,
+        scale_jitter: float = 0.0,
+        remove_images_without_annotations: bool = True,
+    ) -> None:
+        if root is None and predict_path is None:
+            from resnet_tasks.data.shapes import ensure_shapes
+
+            root = str(ensure_shapes() / "coco")
+        super().__init__(
+            root=root,
+            batch_size=batch_size,
+            eval_batch_size=eval_batch_size,
+            num_workers=num_workers,
+            predict_path=predict_path,
+            pin_memory=pin_memory,
+            seed=seed,
+            train_split=train_split,
+            val_split=val_split,
+            test_split=test_split,
+            predict_split=predict_split,
+            aspect_ratio_group_factor=aspect_ratio_group_factor,
+            hflip_prob=hflip_prob,
+            scale_jitter=scale_jitter,
+            remove_images_without_annotations=remove_images_without_annotations,
+        )

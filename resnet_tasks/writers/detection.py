@@ -1,0 +1,98 @@
+"""Detection predictions: `predictions.json` in COCO results format and rendered pictures of the first images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from PIL import Image
+from torchvision.utils import draw_bounding_boxes
+
+
+def to_coco_results(
+    detections: dict[str, torch.Tensor], image_id: int | str, label_to_category_id: list[int] | None
+) -> list[dict[str, Any]]:
+    """One image's detections as COCO results: XYXY -> XYWH (pixels), label -> the dataset's category id."""
+    boxes = detections["boxes"].detach().cpu().double().reshape(-1, 4)
+    labels = detections["labels"].detach().cpu().tolist()
+    scores = detections["scores"].detach().cpu().tolist()
+    results = []
+    for (x1, y1, x2, y2), label, score in zip(boxes.tolist(), labels, scores):
+        category_id = label_to_category_id[label] if label_to_category_id is not None else label
+        results.append(
+            {
+                "image_id": image_id,
+                "category_id": int(category_id),
+                # 3 decimals (a thousandth of a pixel) keep the file small without moving any IoU noticeably.
+                "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+                "score": round(float(score), 6),
+            }
+        )
+    return results
+
+
+class DetectionWriter:
+    """Collects COCO results per image (in dataset order) and draws boxes on the first `picture_count` images.
+
+    `image_id` is the dataset's image id (COCO), or the file stem (VOC, a predict folder). Pictures show
+    detections scoring at least `picture_score_threshold` (at most `picture_max_boxes`), labelled
+    "<class name> <score>", saved as `pictures/<stem>.jpg`.
+    """
+
+    picture_count = 16
+    picture_score_threshold = 0.5
+    picture_max_boxes = 50
+
+    def __init__(self, out_dir: Path, task: Any, datamodule: Any) -> None:
+        self.out_dir = Path(out_dir)
+        self.path = self.out_dir / "predictions.json"
+        self.picture_dir = self.out_dir / "pictures"
+        self.task = task
+        self.mapping: list[int] | None = getattr(task, "label_to_category_id", None)
+        self.class_names: list[str] = list(getattr(task, "class_names", []) or [])
+        self.results: list[tuple[int, list[dict[str, Any]]]] = []
+        self.pictures: list[Path] = []
+
+    def class_name(self, label: int) -> str:
+        if 0 <= label < len(self.class_names):
+            return self.class_names[label]
+        return str(label)
+
+    def write_batch(self, outputs: list[dict[str, torch.Tensor]], batch: Any) -> None:
+        images, targets = batch
+        for image, target, detections in zip(images, targets, outputs):
+            index = int(target["index"])
+            self.results.append((index, to_coco_results(detections, target["image_key"], self.mapping)))
+            if index < self.picture_count:
+                self.pictures.append(self.draw(image, detections, Path(str(target["file_name"])).stem))
+
+    def draw(self, image: torch.Tensor, detections: dict[str, torch.Tensor], stem: str) -> Path:
+        pixels = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
+        keep = detections["scores"] >= self.picture_score_threshold
+        boxes = detections["boxes"][keep][: self.picture_max_boxes].float()
+        scores = detections["scores"][keep][: self.picture_max_boxes].tolist()
+        labels = detections["labels"][keep][: self.picture_max_boxes].tolist()
+        if len(boxes):
+            captions = [f"{self.class_name(label)} {score:.2f}" for label, score in zip(labels, scores)]
+            pixels = draw_bounding_boxes(pixels, boxes, labels=captions, colors="red", width=2)
+        self.picture_dir.mkdir(parents=True, exist_ok=True)
+        path = self.picture_dir / f"{stem}.jpg"
+        Image.fromarray(np.ascontiguousarray(pixels.permute(1, 2, 0).numpy())).save(path, quality=90)
+        return path
+
+    def finish(self, trainer: L.Trainer) -> list[Path]:
+        from resnet_tasks.writers import gather_objects
+
+        parts = gather_objects(trainer, (self.results, [str(p) for p in self.pictures]))
+        if not trainer.is_global_zero:
+            return []
+        ordered = sorted((item for part in parts for item in part[0]), key=lambda item: item[0])
+        results = [entry for _, entries in ordered for entry in entries]
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.path.write_text(json.dumps(results))
+        pictures = sorted(Path(p) for part in parts for p in part[1])
+        return [self.path, *([self.picture_dir] if pictures else [])]
