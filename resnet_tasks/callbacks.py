@@ -56,3 +56,26 @@ class InterruptCheckpoint(Callback):
         trainer.save_checkpoint(self.path)
         if trainer.is_global_zero:
             print(f"checkpoint written on interrupt: {self.path} (resume with --ckpt_path {self.path})")
+
+
+class LastCheckpoint(Callback):
+    """Keep `checkpoints/last.ckpt` at the latest state: after every validation during fit and at the end.
+
+    Lightning's own `save_last` only rewrites it when a top-k checkpoint was saved in the same step, so a run
+    whose metric stopped improving would leave `last.ckpt` at its best epoch, not its last.
+    """
+
+    def _save(self, trainer: L.Trainer) -> None:
+        if trainer.sanity_checking or trainer.global_step == 0:
+            return
+        checkpoint_callback = trainer.checkpoint_callback
+        dirpath = getattr(checkpoint_callback, "dirpath", None) if checkpoint_callback is not None else None
+        folder = Path(dirpath) if dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        trainer.save_checkpoint(folder / "last.ckpt")
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit":
+            self._save(trainer)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._save(trainer)

@@ -15,7 +15,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Ri
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from resnet_tasks.callbacks import InterruptCheckpoint
+from resnet_tasks.callbacks import InterruptCheckpoint, LastCheckpoint
 from resnet_tasks.errors import UserError, find_user_error
 
 METRIC_PREFIXES = {"validate": "val/", "test": "test/", "fit": "val/"}
@@ -79,7 +79,7 @@ class ResNetTasksCLI(LightningCLI):
                 ModelCheckpoint(
                     monitor=main_metric,
                     mode="max",
-                    save_last=True,
+                    save_last=False,  # LastCheckpoint keeps last.ckpt at the latest state instead
                     filename=f"epoch{{epoch}}-step{{step}}-{metric_name}{{{main_metric}:.4f}}",
                     auto_insert_metric_name=False,
                 )
@@ -105,6 +105,8 @@ class ResNetTasksCLI(LightningCLI):
                 callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=50))
         if self.subcommand in ("fit", None) and not any(isinstance(c, InterruptCheckpoint) for c in callbacks):
             callbacks.append(InterruptCheckpoint())
+        if enable_checkpointing and not any(isinstance(c, LastCheckpoint) for c in callbacks):
+            callbacks.append(LastCheckpoint())
         if self.subcommand == "predict":
             from resnet_tasks.writers import PredictionWriter
 

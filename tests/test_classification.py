@@ -41,6 +41,8 @@ def test_fit_writes_checkpoint_metrics_and_logs(trained_run: dict[str, Path]) ->
     version = trained_run["root_dir"] / "lightning_logs" / "version_0"
     checkpoints = sorted(p.name for p in (version / "checkpoints").glob("*.ckpt"))
     assert "last.ckpt" in checkpoints and any("val_top1" in name for name in checkpoints)
+    # last.ckpt is the latest state (the end of epoch 2), whichever epoch scored best
+    assert torch.load(version / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 6
     assert (version / "metrics.csv").is_file() and (version / "config.yaml").is_file()
     metrics = (version / "metrics.json").read_text()
     assert '"top1"' in metrics and '"top5"' in metrics
