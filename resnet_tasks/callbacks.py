@@ -53,7 +53,7 @@ class InterruptCheckpoint(Callback):
         if not isinstance(exception, SIGTERMException) or not trainer.training:
             return
         self.path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / INTERRUPTED_CHECKPOINT
-        trainer.save_checkpoint(self.path)
+        trainer.save_checkpoint(self.path, weights_only=False)
         if trainer.is_global_zero:
             print(f"checkpoint written on interrupt: {self.path} (resume with --ckpt_path {self.path})")
 
@@ -71,7 +71,7 @@ class LastCheckpoint(Callback):
         checkpoint_callback = trainer.checkpoint_callback
         dirpath = getattr(checkpoint_callback, "dirpath", None) if checkpoint_callback is not None else None
         folder = Path(dirpath) if dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
-        trainer.save_checkpoint(folder / "last.ckpt")
+        trainer.save_checkpoint(folder / "last.ckpt", weights_only=False)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit":

@@ -125,3 +125,18 @@ def test_wrong_backbone_weights_file_gives_key_summary(run_cli, image_folder: Pa
                              "--model.backbone.weights", path, "--trainer.max_steps", "1",
                              "--trainer.default_root_dir", tmp_path / "run", *COMMON_TRAINER_ARGS)  # fmt: skip
     assert_one_clear_error(code, err, str(path))
+
+
+def test_out_of_memory_during_a_step_is_explained(
+    run_cli, image_folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from resnet_tasks import ClassificationTask
+
+    def out_of_memory(self: object, batch: object) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(ClassificationTask, "training_losses", out_of_memory)
+    code, out, err = run_cli("fit", "--config", CONFIG, "--data.root", image_folder, *SMALL, "--trainer.max_steps", "2",
+                             "--trainer.default_root_dir", tmp_path / "run", *COMMON_TRAINER_ARGS)  # fmt: skip
+    assert code == 3 and "Traceback" not in err
+    assert "out of GPU memory" in err and "--data.batch_size" in err
