@@ -140,3 +140,65 @@ def test_out_of_memory_during_a_step_is_explained(
                              "--trainer.default_root_dir", tmp_path / "run", *COMMON_TRAINER_ARGS)  # fmt: skip
     assert code == 3 and "Traceback" not in err
     assert "out of GPU memory" in err and "--data.batch_size" in err
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from resnet_tasks.data.shapes import generate_shapes
+
+    return generate_shapes(tmp_path_factory.mktemp("shapes"), num_train=8, num_val=4, image_size=64)
+
+
+def _copy_coco(shapes: Path, dest: Path) -> Path:
+    shutil.copytree(shapes / "coco", dest)
+    return dest
+
+
+DETECTION = ["--config", "configs/quickstart/detection.yaml", "--data.num_workers", "0"]
+SEGMENTATION = ["--config", "configs/quickstart/segmentation.yaml", "--data.num_workers", "0"]
+
+
+def test_detection_dataset_problems_are_one_clear_message(run_cli, tiny_shapes: Path, tmp_path: Path) -> None:
+    import json
+
+    common = [*DETECTION, "--trainer.default_root_dir", tmp_path / "run", *COMMON_TRAINER_ARGS]
+    # 1. missing root, then a root without the COCO layout
+    code, out, err = run_cli("validate", *common, "--data.root", tmp_path / "nope")
+    assert_one_clear_error(code, err, str(tmp_path / "nope"), "--data.root")
+    code, out, err = run_cli("validate", *common, "--data.root", tiny_shapes / "imagefolder")
+    assert_one_clear_error(code, err, "instances_val2017.json")
+    # 3. a truncated annotation file: file, line and column
+    broken = _copy_coco(tiny_shapes, tmp_path / "broken_json")
+    annotations = broken / "annotations" / "instances_val2017.json"
+    annotations.write_text(annotations.read_text()[:300])
+    code, out, err = run_cli("validate", *common, "--data.root", broken)
+    assert_one_clear_error(code, err, str(annotations), "line 1, column")
+    # 5. a category id that is not among the categories
+    unknown = _copy_coco(tiny_shapes, tmp_path / "unknown_category")
+    annotations = unknown / "annotations" / "instances_val2017.json"
+    data = json.loads(annotations.read_text())
+    data["annotations"][0]["category_id"] = 42
+    annotations.write_text(json.dumps(data))
+    code, out, err = run_cli("validate", *common, "--data.root", unknown)
+    assert_one_clear_error(code, err, str(annotations), "category id 42")
+    # 2. a corrupt image in evaluation: an error naming it (a metric over fewer images would be wrong)
+    corrupt = _copy_coco(tiny_shapes, tmp_path / "corrupt_image")
+    image = sorted((corrupt / "val2017").glob("*.jpg"))[0]
+    _truncate(image)
+    code, out, err = run_cli("validate", *common, "--data.root", corrupt)
+    assert_one_clear_error(code, err, str(image))
+
+
+def test_segmentation_mask_problems_are_one_clear_message(run_cli, tiny_shapes: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    voc = tmp_path / "voc"
+    shutil.copytree(tiny_shapes / "voc", voc)
+    devkit = voc / "VOCdevkit" / "VOC2012"
+    stem = (devkit / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[0]
+    mask_path = devkit / "SegmentationClass" / f"{stem}.png"
+    with Image.open(mask_path) as mask:
+        mask.resize((32, 32)).save(mask_path)
+    code, out, err = run_cli("validate", *SEGMENTATION, "--data.root", voc,
+                             "--trainer.default_root_dir", tmp_path / "run", *COMMON_TRAINER_ARGS)  # fmt: skip
+    assert_one_clear_error(code, err, str(mask_path), "32x32")
