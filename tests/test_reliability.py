@@ -202,3 +202,17 @@ def test_segmentation_mask_problems_are_one_clear_message(run_cli, tiny_shapes: 
     code, out, err = run_cli("validate", *SEGMENTATION, "--data.root", voc,
                              "--trainer.default_root_dir", tmp_path / "run", *COMMON_TRAINER_ARGS)  # fmt: skip
     assert_one_clear_error(code, err, str(mask_path), "32x32")
+
+
+def test_truncated_voc_xml_names_file_line_and_column(run_cli, tiny_shapes: Path, tmp_path: Path) -> None:
+    voc = tmp_path / "voc"
+    shutil.copytree(tiny_shapes / "voc", voc)
+    devkit = voc / "VOCdevkit" / "VOC2012"
+    stem = (devkit / "ImageSets" / "Main" / "val.txt").read_text().split()[0]
+    xml = devkit / "Annotations" / f"{stem}.xml"
+    xml.write_text(xml.read_text()[:120])
+    code, out, err = run_cli("validate", "--config", "configs/detection/voc_faster_rcnn_resnet50_fpn.yaml",
+                             "--data.root", voc, "--data.train_split", "2012-train", "--data.val_split", "2012-val",
+                             "--data.num_workers", "0", "--model.backbone.name", "resnet18",
+                             "--trainer.default_root_dir", tmp_path / "run", *COMMON_TRAINER_ARGS)  # fmt: skip
+    assert_one_clear_error(code, err, str(xml), "line")
