@@ -26,10 +26,7 @@ def _import_components() -> None:
     import resnet_tasks
 
     for name in resnet_tasks.__all__:
-        try:  # TEMP-DEV
-            getattr(resnet_tasks, name)
-        except ModuleNotFoundError:  # TEMP-DEV
-            pass
+        getattr(resnet_tasks, name)
 
 
 def collect_metrics(trainer: L.Trainer, prefix: str) -> dict[str, float]:
