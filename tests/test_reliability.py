@@ -216,3 +216,22 @@ def test_truncated_voc_xml_names_file_line_and_column(run_cli, tiny_shapes: Path
                              "--data.num_workers", "0", "--model.backbone.name", "resnet18",
                              "--trainer.default_root_dir", tmp_path / "run", *COMMON_TRAINER_ARGS)  # fmt: skip
     assert_one_clear_error(code, err, str(xml), "line")
+
+
+def test_detection_and_segmentation_training_skip_unreadable_images(
+    run_cli, tiny_shapes: Path, tmp_path: Path
+) -> None:
+    coco = _copy_coco(tiny_shapes, tmp_path / "coco")
+    voc = tmp_path / "voc"
+    shutil.copytree(tiny_shapes / "voc", voc)
+    bad_coco = sorted((coco / "train2017").glob("*.jpg"))[0]
+    _truncate(bad_coco)
+    stem = (voc / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[0]
+    bad_voc = voc / "VOCdevkit" / "VOC2012" / "JPEGImages" / f"{stem}.jpg"
+    _truncate(bad_voc)
+    for config, root, bad in ((DETECTION, coco, bad_coco), (SEGMENTATION, voc, bad_voc)):
+        code, out, err = run_cli("fit", *config, "--data.root", root, "--data.batch_size", "2",
+                                 "--data.max_skipped_fraction", "0.5", "--trainer.max_epochs", "1",
+                                 "--trainer.default_root_dir", tmp_path / "run", *COMMON_TRAINER_ARGS)  # fmt: skip
+        assert code == 0, err
+        assert "skipped 1 unreadable training image(s)" in out and str(bad) in out

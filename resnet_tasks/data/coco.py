@@ -466,6 +466,7 @@ class DetectionDataModule(BaseDataModule):
         predict_path: str | None = None,
         pin_memory: bool = True,
         seed: int = 0,
+        max_skipped_fraction: float = 0.01,
         train_split: str = "train",
         val_split: str = "val",
         test_split: str = "val",
@@ -483,6 +484,7 @@ class DetectionDataModule(BaseDataModule):
             predict_path=predict_path,
             pin_memory=pin_memory,
             seed=seed,
+            max_skipped_fraction=max_skipped_fraction,
         )
         self.train_split = train_split
         self.val_split = val_split
@@ -583,6 +585,7 @@ class CocoDetectionDataModule(DetectionDataModule):
         predict_path: str | None = None,
         pin_memory: bool = True,
         seed: int = 0,
+        max_skipped_fraction: float = 0.01,
         train_split: str = "train2017",
         val_split: str = "val2017",
         test_split: str = "val2017",
@@ -600,6 +603,7 @@ class CocoDetectionDataModule(DetectionDataModule):
             predict_path=predict_path,
             pin_memory=pin_memory,
             seed=seed,
+            max_skipped_fraction=max_skipped_fraction,
             train_split=train_split,
             val_split=val_split,
             test_split=test_split,
@@ -668,6 +672,7 @@ class ShapesDetectionDataModule(CocoDetectionDataModule):
         predict_path: str | None = None,
         pin_memory: bool = True,
         seed: int = 0,
+        max_skipped_fraction: float = 0.01,
         train_split: str = "train2017",
         val_split: str = "val2017",
         test_split: str = "val2017",
@@ -689,6 +694,7 @@ class ShapesDetectionDataModule(CocoDetectionDataModule):
             predict_path=predict_path,
             pin_memory=pin_memory,
             seed=seed,
+            max_skipped_fraction=max_skipped_fraction,
             train_split=train_split,
             val_split=val_split,
             test_split=test_split,

@@ -309,8 +309,11 @@ class VOCSegmentationDataModule(BaseDataModule):
         year: str = "VOC2012",
         pin_memory: bool = True,
         seed: int = 0,
+        max_skipped_fraction: float = 0.01,
     ) -> None:
-        super().__init__(root, batch_size, eval_batch_size, num_workers, predict_path, pin_memory, seed)
+        super().__init__(
+            root, batch_size, eval_batch_size, num_workers, predict_path, pin_memory, seed, max_skipped_fraction
+        )
         self.train_split = train_split
         self.val_split = val_split
         self.crop_size = crop_size
@@ -486,6 +489,7 @@ class ShapesSegmentationDataModule(VOCSegmentationDataModule):
         eval_size: int | None = None,
         pin_memory: bool = True,
         seed: int = 0,
+        max_skipped_fraction: float = 0.01,
     ) -> None:
         from resnet_tasks.data.shapes import SHAPE_CLASSES, ensure_shapes
 
@@ -506,4 +510,5 @@ class ShapesSegmentationDataModule(VOCSegmentationDataModule):
             class_names=["background", *SHAPE_CLASSES],
             pin_memory=pin_memory,
             seed=seed,
+            max_skipped_fraction=max_skipped_fraction,
         )
