@@ -201,10 +201,11 @@ class ImageNetDataModule(ImageFolderDataModule):
 
 
 class ShapesClassificationDataModule(ImageFolderDataModule):
-    """The bundled shapes scenes as an ImageFolder (label = class of the largest shape); generated on first use.
+    """The bundled shapes as an ImageFolder: 64 px crops centred on each scene's largest shape, labelled with
+    its class; generated on first use.
 
-    Small images keep CPU training to minutes: mild scale jitter (the largest shape must stay in view),
-    evaluation at the native size.
+    Small images keep CPU training to minutes: mild scale jitter (the shape must stay in view), evaluation at
+    the native size.
     """
 
     def __init__(
@@ -214,10 +215,10 @@ class ShapesClassificationDataModule(ImageFolderDataModule):
         eval_batch_size: int | None = None,
         num_workers: int = 2,
         predict_path: str | None = None,
-        crop_size: int = 96,
-        resize_size: int = 96,
+        crop_size: int = 64,
+        resize_size: int = 64,
         eval_crop_size: int | None = None,
-        train_scale: tuple[float, float] = (0.6, 1.0),
+        train_scale: tuple[float, float] = (0.8, 1.0),
         hflip: bool = True,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,

@@ -29,7 +29,7 @@ SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle")
 # Deliberately non-contiguous, as in real COCO, so that label <-> category id mapping bugs show up.
 COCO_CATEGORY_IDS: dict[str, int] = {"circle": 1, "square": 3, "triangle": 7}
 # Bump whenever the generator's output changes: ensure_shapes then regenerates stale copies.
-SHAPES_VERSION = 1
+SHAPES_VERSION = 2
 MANIFEST_NAME = "shapes.json"
 VOC_IGNORE_INDEX = 255
 JPEG_QUALITY = 90
@@ -40,6 +40,7 @@ _EMPTY_FRACTION = 0.02  # share of scenes with no object at all (negatives for d
 _SUPERSAMPLE = 4  # draw masks at 4x and box-filter down: anti-aliased edges without per-pixel Python
 _MIN_DOMINANCE = 1.5  # largest visible area >= 1.5x every other one: the ImageFolder label is unambiguous
 _MIN_VISIBLE_FRACTION = 0.6  # an occluded object keeps at least 60% of its pixels
+_CROP_CONTEXT = 1.3  # ImageFolder crop side = 1.3x the largest object's longer box side (some context around it)
 _SPLIT_CODES = {"train": 1, "val": 2}
 
 
@@ -282,6 +283,32 @@ def segmentation_mask(scene: Scene) -> np.ndarray:
     return classes
 
 
+def crop_window(box: tuple[int, int, int, int], image_size: int) -> tuple[float, float, float]:
+    """Square window (x0, y0, side) around a box: side _CROP_CONTEXT x its longer side, shifted into the image."""
+    x0, y0, x1, y1 = box
+    side = min(_CROP_CONTEXT * max(x1 - x0, y1 - y0), float(image_size))
+    left = min(max((x0 + x1) / 2.0 - side / 2.0, 0.0), image_size - side)
+    top = min(max((y0 + y1) / 2.0 - side / 2.0, 0.0), image_size - side)
+    return left, top, side
+
+
+def object_crop(scene: Scene) -> tuple[int, np.ndarray]:
+    """The ImageFolder view of a non-empty scene: (class index, crop of its largest object, HxWx3 uint8).
+
+    The crop is a square around the largest object (by visible area) with some context, resized to half the
+    scene size: an object-centred picture, as in ImageNet, that a small network learns to classify in minutes.
+    """
+    areas = [int(obj.visible_mask.sum()) for obj in scene.objects]
+    largest = scene.objects[int(np.argmax(areas))]
+    size = scene.image.shape[0]
+    left, top, side = crop_window(largest.box, size)
+    out = max(size // 2, 16)
+    picture = Image.fromarray(scene.image).resize(
+        (out, out), Image.Resampling.BILINEAR, box=(left, top, left + side, top + side)
+    )
+    return largest.label, np.asarray(picture)
+
+
 def _split_plan(rng: np.random.Generator, count: int) -> list[tuple[int | None, int]]:
     """Per scene of one split: (dominant class or None for an empty scene, number of objects)."""
     num_empty = max(1, round(count * _EMPTY_FRACTION)) if count >= 4 else 0
@@ -404,9 +431,10 @@ def generate_shapes(
             (coco_dir / f"{split}2017" / f"{stem}.jpg").write_bytes(jpeg)
             (voc_dir / "JPEGImages" / f"{stem}.jpg").write_bytes(jpeg)
             if scene.objects:
-                areas = [int(obj.visible_mask.sum()) for obj in scene.objects]
-                label = scene.objects[int(np.argmax(areas))].label
-                (root / "imagefolder" / split / SHAPE_CLASSES[label] / f"{stem}.jpg").write_bytes(jpeg)
+                label, crop = object_crop(scene)
+                (root / "imagefolder" / split / SHAPE_CLASSES[label] / f"{stem}.jpg").write_bytes(
+                    _encode_jpeg(crop)
+                )
             (voc_dir / "Annotations" / f"{stem}.xml").write_bytes(_voc_xml(stem, image_size, scene.objects))
             (voc_dir / "SegmentationClass" / f"{stem}.png").write_bytes(
                 _encode_palette_png(segmentation_mask(scene))
