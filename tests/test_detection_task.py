@@ -14,7 +14,7 @@ from PIL import Image
 from resnet_tasks.data.coco import CocoDetectionDataModule
 from resnet_tasks.errors import UserError
 from resnet_tasks.tasks.detection import DetectionTask
-from resnet_tasks.writers.detection import DetectionWriter
+from resnet_tasks.writers.detection import DetectionWriter, box_colour
 from tests.test_detection_data import make_tiny_coco
 
 COCO_WEIGHTS = "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"
@@ -149,5 +149,21 @@ def test_writer_writes_coco_results_and_pictures(tmp_path: Path) -> None:
     assert picture.is_file() and (tmp_path / "pictures" / "b.jpg").is_file()
     with Image.open(picture) as image:
         assert image.size == (60, 40)
-        red = image.getpixel((10, 15))  # on the left edge of the drawn box (score 0.9 >= 0.5)
-        assert red[0] > 180 and red[1] < 80
+        edge = image.getpixel((10, 15))  # on the left edge of the drawn box (score 0.9 >= 0.5), label 3
+        assert max(abs(a - b) for a, b in zip(edge, box_colour(3))) < 60
+
+
+def test_picture_boxes_are_coloured_by_class(tmp_path: Path) -> None:
+    task = SimpleNamespace(label_to_category_id=None, class_names=["__background__", "cat", "dog"])
+    writer = DetectionWriter(tmp_path, task, None)
+    image = torch.zeros(3, 40, 80)
+    detections = {"boxes": torch.tensor([[5.0, 5.0, 35.0, 35.0], [45.0, 5.0, 75.0, 35.0]]),
+                  "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.9, 0.9])}  # fmt: skip
+    with Image.open(writer.draw(image, detections, "two")) as picture:
+        cat, dog = picture.getpixel((5, 20)), picture.getpixel((45, 20))
+    def distance(pixel: tuple[int, ...], colour: tuple[int, int, int]) -> int:
+        return sum(abs(a - b) for a, b in zip(pixel, colour))
+
+    # JPEG blurs a 2 px line's colour a little: each edge is nearer its own class colour than the other's.
+    assert distance(cat, box_colour(1)) < distance(cat, box_colour(2))
+    assert distance(dog, box_colour(2)) < distance(dog, box_colour(1))

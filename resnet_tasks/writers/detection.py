@@ -12,6 +12,17 @@ import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
+# One colour per class (label modulo the list): well-separated hues that stay visible on photos.
+BOX_COLOURS: tuple[tuple[int, int, int], ...] = (
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212),
+)  # fmt: skip
+
+
+def box_colour(label: int) -> tuple[int, int, int]:
+    """The picture colour of a class label (label 1 gets the first colour)."""
+    return BOX_COLOURS[(int(label) - 1) % len(BOX_COLOURS)]
+
 
 def to_coco_results(
     detections: dict[str, torch.Tensor], image_id: int | str, label_to_category_id: list[int] | None
@@ -40,7 +51,7 @@ class DetectionWriter:
 
     `image_id` is the dataset's image id (COCO), or the file stem (VOC, a predict folder). Pictures show
     detections scoring at least `picture_score_threshold` (at most `picture_max_boxes`), labelled
-    "<class name> <score>", saved as `pictures/<stem>.jpg`.
+    "<class name> <score>" in one colour per class, saved as `pictures/<stem>.jpg`.
     """
 
     picture_count = 16
@@ -78,7 +89,8 @@ class DetectionWriter:
         labels = detections["labels"][keep][: self.picture_max_boxes].tolist()
         if len(boxes):
             captions = [f"{self.class_name(label)} {score:.2f}" for label, score in zip(labels, scores)]
-            pixels = draw_bounding_boxes(pixels, boxes, labels=captions, colors="red", width=2)
+            colours = [box_colour(label) for label in labels]
+            pixels = draw_bounding_boxes(pixels, boxes, labels=captions, colors=colours, width=2)
         self.picture_dir.mkdir(parents=True, exist_ok=True)
         path = self.picture_dir / f"{stem}.jpg"
         Image.fromarray(np.ascontiguousarray(pixels.permute(1, 2, 0).numpy())).save(path, quality=90)
