@@ -9,6 +9,7 @@ import glob
 import os
 import re
 import shlex
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -74,6 +75,7 @@ def readme_commands() -> list[str]:
         bare_subcommand = words[1] in ("fit", "validate", "test", "predict") and "--config" not in words
         if not bare_subcommand and not re.search(r"[{\[]|\.\.\.|\b[A-Z_]{3,}\b", span):
             commands.append(span)
+    commands += re.findall(r"`((?:python -m |python benchmarks/|ruff )[^`]*)`", text)
     return commands
 
 
@@ -90,6 +92,12 @@ def classify(command: str) -> str:
         return "template"  # `--config ... --ckpt_path .../interrupted.ckpt`: the resume flow, tests/test_resume.py
     if words[0] == "resnet-tasks":
         return "run"
+    if command.startswith(("python -m resnet_tasks.bench", "python benchmarks/")):
+        return "benchmark"  # long runs by design: the test checks the arguments parse (test_bench runs the suite)
+    if command == "python -m resnet_tasks":
+        return "module"
+    if command == "ruff check .":
+        return "lint"
     return "unknown"
 
 
@@ -99,7 +107,7 @@ def test_every_readme_command_is_classified() -> None:
     unknown = [c for c in commands if classify(c) == "unknown"]
     assert not unknown, f"README commands no test exercises; teach tests/test_readme.py about them: {unknown}"
     kinds = {classify(c) for c in commands}
-    assert kinds >= {"install", "pytest", "print_config", "run", "template"}
+    assert kinds >= {"install", "pytest", "print_config", "run", "template", "benchmark", "module", "lint"}
 
 
 def test_readme_states_what_the_print_config_commands_need() -> None:
@@ -234,3 +242,54 @@ def test_readme_python_snippet_runs(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert list(features) == ["layer1", "layer2", "layer3", "layer4"]
     assert backbone.channels["layer4"] == 2048 and backbone.strides["layer4"] == 8  # output_stride=8
     assert torch.equal(backbone.state_dict()["conv1.weight"], reference.state_dict()["conv1.weight"])
+
+
+class _Parsed(Exception):
+    """Raised instead of running a benchmark once its command line has parsed."""
+
+
+@pytest.mark.parametrize("command", [c for c in readme_commands() if classify(c) == "benchmark"])
+def test_benchmark_commands_parse(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import argparse
+    import importlib.util
+
+    words = shlex.split(command)
+    if words[1] == "-m":
+        module = importlib.import_module(words[2])
+        argv = words[3:]
+    else:
+        spec = importlib.util.spec_from_file_location("readme_benchmark", REPO / words[1])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        argv = words[2:]
+    original = argparse.ArgumentParser.parse_args
+
+    def parse_then_stop(self: argparse.ArgumentParser, args: list[str] | None = None, namespace: object = None):
+        raise _Parsed(original(self, args, namespace))
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", parse_then_stop)
+    with pytest.raises(_Parsed) as parsed:
+        module.main(argv)
+    if "--memory-images" in argv:
+        assert parsed.value.args[0].memory_images == int(argv[argv.index("--memory-images") + 1])
+
+
+def test_python_dash_m_resnet_tasks_is_the_cli(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    import runpy
+
+    monkeypatch.setattr("sys.argv", ["resnet_tasks", "backbones"])
+    try:
+        runpy.run_module("resnet_tasks", run_name="__main__")
+    except SystemExit as exit_:
+        assert exit_.code in (0, None)
+    assert "resnet50" in capsys.readouterr().out
+
+
+def test_lint_command_passes() -> None:
+    """`ruff check .` from the README's Development section: the code base stays ruff clean."""
+    import shutil
+    import subprocess
+
+    ruff = shutil.which("ruff") or str(Path(sys.executable).with_name("ruff"))
+    result = subprocess.run([ruff, "check", "."], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
