@@ -746,7 +746,7 @@ def _memory_in_process(sizes: Sizes, threads: int) -> dict[str, Any]:
 def bench_segmentation_metric(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     """Our SegmentationMetrics.update (argmax of the logits + confusion counts) vs a numpy bincount reference,
     with and without torch.use_deterministic_algorithms(True)."""
-    from resnet_tasks.evaluation.segmentation import SegmentationMetrics
+    from resnet_tasks.evaluation.segmentation import SegmentationMetrics, class_map
 
     batch, classes, height, width = sizes.seg_shape
     generator = torch.Generator().manual_seed(0)
@@ -765,7 +765,7 @@ def bench_segmentation_metric(sizes: Sizes, device: torch.device) -> dict[str, A
     metric = SegmentationMetrics(classes).to(device)
 
     def ours() -> None:
-        metric.update(logits.argmax(1), target)
+        metric.update(class_map(logits), target)
         synchronize(device)
 
     expected = reference()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from resnet_tasks.evaluation.segmentation import SegmentationMetrics, confusion_counts
+from resnet_tasks.evaluation.segmentation import SegmentationMetrics, class_map, confusion_counts
 
 
 def numpy_reference(preds: np.ndarray, target: np.ndarray, num_classes: int) -> dict[str, object]:
@@ -100,3 +100,12 @@ def test_sharded_updates_sum_to_the_whole() -> None:
         part.update(preds[rank::2], target[rank::2])
     assert torch.equal(parts[0].confusion + parts[1].confusion, whole.confusion)
     assert whole.confusion.dtype == torch.int64
+
+
+def test_class_map_equals_argmax_including_ties() -> None:
+    generator = torch.Generator().manual_seed(0)
+    # Few distinct values: many pixels have tied maxima, where the first maximal class must win (as argmax).
+    logits = torch.randint(0, 3, (2, 5, 17, 23), generator=generator).float()
+    assert torch.equal(class_map(logits), logits.argmax(1))
+    assert class_map(logits).dtype == torch.int64
+    assert torch.equal(class_map(torch.zeros(1, 4, 2, 2)), torch.zeros(1, 2, 2, dtype=torch.int64))

@@ -12,7 +12,7 @@ from torchvision.models.segmentation.fcn import FCNHead
 
 from resnet_tasks.backbones import load_state_dict_into
 from resnet_tasks.errors import UserError
-from resnet_tasks.evaluation.segmentation import SegmentationMetrics
+from resnet_tasks.evaluation.segmentation import SegmentationMetrics, class_map
 from resnet_tasks.tasks.base import BackboneConfig, OptimizerConfig, SchedulerConfig, TaskBase
 from resnet_tasks.tasks.label_space import label_space_of_weights
 
@@ -208,11 +208,11 @@ class SegmentationTask(TaskBase):
         sizes = batch["size"].tolist()
         padded = tuple(logits.shape[-2:])
         if all(tuple(s) == padded for s in input_sizes) and all(s == sizes[0] for s in sizes):
-            return list(resize_logits_to(logits, tuple(sizes[0])).argmax(1))
+            return list(class_map(resize_logits_to(logits, tuple(sizes[0]))))
         masks = []
         for i, ((in_h, in_w), (height, width)) in enumerate(zip(input_sizes, sizes)):
             one = logits[i : i + 1, :, :in_h, :in_w]
-            masks.append(resize_logits_to(one, (height, width)).argmax(1)[0])
+            masks.append(class_map(resize_logits_to(one, (height, width)))[0])
         return masks
 
     def _evaluate(self, batch: dict[str, Any], metric: SegmentationMetrics) -> None:
