@@ -9,7 +9,6 @@ machine load hits both alike. Speed ratio = t_torchvision / t_ours (>= 0.98 is t
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -20,6 +19,7 @@ import torchvision
 from torch import nn
 
 from resnet_tasks.backbones import build_backbone
+from resnet_tasks.bench import write_report
 
 
 def torchvision_body(model: nn.Module) -> nn.Module:
@@ -104,8 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"median of per-pair ratios = {paired:.3f}"
     )
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        write_report(args.out, result)
         print(f"wrote {args.out}")
     return result
 

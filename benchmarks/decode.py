@@ -10,7 +10,6 @@ It also checks that the decoders give the same pixels (max absolute difference, 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import tempfile
 import time
@@ -24,6 +23,8 @@ import torch
 import torchvision
 from PIL import Image
 from torchvision.io import decode_jpeg, read_file
+
+from resnet_tasks.bench import write_report
 
 
 def write_jpegs(folder: Path, count: int, width: int, height: int, quality: int = 90, seed: int = 0) -> list[Path]:
@@ -170,8 +171,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result = run(paths, passes=args.passes)
     print(describe(result))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=2))
+        write_report(args.out, result)
         print(f"wrote {args.out}")
     return result
 

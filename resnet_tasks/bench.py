@@ -969,6 +969,12 @@ def run_suite(names: list[str], sizes: Sizes, device: torch.device, log: Callabl
     return results
 
 
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    """Write a benchmark's results as indented JSON (numpy/torch scalars as floats), creating the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=2, default=float))
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m resnet_tasks.bench", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="small sizes (about a minute or two)")
@@ -1014,8 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         **results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, default=float))
+    write_report(args.out, report)
     print()
     print_table(summary_rows(results))
     print(f"\nwrote {args.out} ({report['meta']['wall_s']:.0f} s)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -121,44 +122,43 @@ def test_coco_annotations_are_consistent(dataset: Path, cocos: dict[str, COCO]) 
                 assert np.stack(masks).sum(axis=0).max() == 1
 
 
-def test_imagefolder_label_is_the_clearly_largest_object(dataset: Path, cocos: dict[str, COCO]) -> None:
-    names = {v: k for k, v in COCO_CATEGORY_IDS.items()}
+def _imagefolder_files(dataset: Path, cocos: dict[str, COCO]) -> Iterator[tuple[str, str, Path, list[dict]]]:
+    """(split, scene file name, its ImageFolder file, annotations largest first) for every non-empty scene."""
     for split, coco in cocos.items():
         for image_id in coco.getImgIds():
             anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=image_id)), key=lambda a: -a["area"])
-            if not anns:
-                continue
-            stem_file = coco.imgs[image_id]["file_name"]
-            [path] = list((dataset / "imagefolder" / split).glob(f"*/{stem_file}"))
-            assert path.parent.name == names[anns[0]["category_id"]]
-            if len(anns) > 1:
-                assert anns[0]["area"] >= 1.5 * anns[1]["area"]
+            if anns:
+                name = coco.imgs[image_id]["file_name"]
+                [path] = list((dataset / "imagefolder" / split).glob(f"*/{name}"))
+                yield split, name, path, anns
+
+
+def test_imagefolder_label_is_the_clearly_largest_object(dataset: Path, cocos: dict[str, COCO]) -> None:
+    names = {v: k for k, v in COCO_CATEGORY_IDS.items()}
+    for _split, _name, path, anns in _imagefolder_files(dataset, cocos):
+        assert path.parent.name == names[anns[0]["category_id"]]
+        if len(anns) > 1:
+            assert anns[0]["area"] >= 1.5 * anns[1]["area"]
 
 
 def test_imagefolder_image_is_a_crop_centred_on_the_largest_object(dataset: Path, cocos: dict[str, COCO]) -> None:
     size = SMALL["image_size"]
-    for split, coco in cocos.items():
-        for image_id in coco.getImgIds():
-            anns = sorted(coco.loadAnns(coco.getAnnIds(imgIds=image_id)), key=lambda a: -a["area"])
-            if not anns:
-                continue
-            name = coco.imgs[image_id]["file_name"]
-            [path] = list((dataset / "imagefolder" / split).glob(f"*/{name}"))
-            crop = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
-            assert crop.shape == (size // 2, size // 2, 3)
-            x, y, w, h = anns[0]["bbox"]
-            left, top, side = shapes.crop_window((int(x), int(y), int(x + w), int(y + h)), size)
-            # The window holds the whole box, with context, and stays inside the image.
-            assert left <= x and top <= y and x + w <= left + side + 1e-6 and y + h <= top + side + 1e-6
-            assert 0 <= left and 0 <= top and left + side <= size and top + side <= size
-            assert side >= min(1.3 * max(w, h), size) - 1e-6
-            # Its pixels are the scene's pixels there (both JPEGs: compare loosely).
-            scene = Image.open(dataset / "coco" / f"{split}2017" / name).convert("RGB")
-            expected = np.asarray(
-                scene.resize((size // 2,) * 2, Image.Resampling.BILINEAR, box=(left, top, left + side, top + side)),
-                dtype=np.float32,
-            )
-            assert np.abs(crop - expected).mean() < 6.0
+    for split, name, path, anns in _imagefolder_files(dataset, cocos):
+        crop = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
+        assert crop.shape == (size // 2, size // 2, 3)
+        x, y, w, h = anns[0]["bbox"]
+        left, top, side = shapes.crop_window((int(x), int(y), int(x + w), int(y + h)), size)
+        # The window holds the whole box, with context, and stays inside the image.
+        assert left <= x and top <= y and x + w <= left + side + 1e-6 and y + h <= top + side + 1e-6
+        assert 0 <= left and 0 <= top and left + side <= size and top + side <= size
+        assert side >= min(1.3 * max(w, h), size) - 1e-6
+        # Its pixels are the scene's pixels there (both JPEGs: compare loosely).
+        scene = Image.open(dataset / "coco" / f"{split}2017" / name).convert("RGB")
+        expected = np.asarray(
+            scene.resize((size // 2,) * 2, Image.Resampling.BILINEAR, box=(left, top, left + side, top + side)),
+            dtype=np.float32,
+        )
+        assert np.abs(crop - expected).mean() < 6.0
 
 
 def test_voc_xml_boxes_match_coco_boxes(dataset: Path, cocos: dict[str, COCO]) -> None:
