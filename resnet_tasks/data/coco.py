@@ -499,7 +499,8 @@ class DetectionDataModule(BaseDataModule):
 
     # -- subclass API
     def load_split(self, split: str) -> DetectionAnnotations:
-        raise NotImplementedError
+        """Parse one split's annotations (COCO JSON, VOC XML, ...): the one method each dataset format provides."""
+        raise NotImplementedError(f"{type(self).__name__} must implement load_split()")
 
     def annotations(self, split: str) -> DetectionAnnotations:
         """The split's compact annotations, parsed once per process."""

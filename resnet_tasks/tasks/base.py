@@ -212,11 +212,11 @@ class TaskBase(L.LightningModule):
 
     def backbone_module(self) -> nn.Module:
         """The backbone inside this task (for the LR multiplier and backbone-only weights)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement backbone_module()")
 
     def load_model_weights(self, state_dict: dict[str, torch.Tensor], meta: dict[str, Any], source: str) -> None:
         """Load whole-model weights (backbone + neck + head); each task maps its own key layout."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement load_model_weights()")
 
     def load_pretrained(self) -> None:
         """Load `weights` (whole model) or else `backbone.weights` (backbone only), once."""
@@ -305,11 +305,11 @@ class TaskBase(L.LightningModule):
     # ----------------------------------------------------------------- training step plumbing
     def training_losses(self, batch: Any) -> dict[str, torch.Tensor]:
         """The named loss terms for one training batch (summed into the optimised loss)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement training_losses()")
 
     def batch_size_of(self, batch: Any) -> int:
         """Number of images in `batch` (for logging averages)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} must implement batch_size_of()")
 
     def on_train_epoch_start(self) -> None:
         self._seen_in_epoch = 0
