@@ -127,6 +127,11 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert 'eval "$TEST_COMMAND"' in script
 
 
+def test_passed_tests_leave_no_files_behind(request: pytest.FixtureRequest) -> None:
+    """The end-to-end tests write gigabytes of checkpoints: a passed test's tmp_path goes at once (CI has one disk)."""
+    assert request.config.getini("tmp_path_retention_policy") == "failed"
+
+
 def _strip_launcher(words: list[str]) -> list[str]:
     if words[0] == "srun":
         words = words[1:]
