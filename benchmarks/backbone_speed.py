@@ -9,17 +9,18 @@ machine load hits both alike. Speed ratio = t_torchvision / t_ours (>= 0.98 is t
 from __future__ import annotations
 
 import argparse
+import io
 import platform
-import statistics
-import time
+from contextlib import redirect_stdout
 from pathlib import Path
+from typing import Any
 
 import torch
 import torchvision
+from timing import Sizes, alternate, median, write_report
 from torch import nn
 
 from resnet_tasks.backbones import build_backbone
-from resnet_tasks.bench import write_report
 
 
 def torchvision_body(model: nn.Module) -> nn.Module:
@@ -28,19 +29,12 @@ def torchvision_body(model: nn.Module) -> nn.Module:
     return nn.Sequential(*(getattr(model, part) for part in parts))
 
 
-def train_step(model: nn.Module, images: torch.Tensor, ours: bool) -> float:
-    """One forward+backward on the last stage's mean; returns seconds (GPU work included)."""
-    cuda = images.device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize()
-    start = time.perf_counter()
+def train_step(model: nn.Module, images: torch.Tensor, ours: bool) -> None:
+    """One forward+backward on the last stage's mean, gradients cleared (timed by `timing.alternate`)."""
     output = model(images)
     last = output[next(reversed(output))] if ours else output
     last.mean().backward()
     model.zero_grad(set_to_none=True)
-    if cuda:
-        torch.cuda.synchronize()
-    return time.perf_counter() - start
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -67,17 +61,21 @@ def main(argv: list[str] | None = None) -> dict:
     theirs = torchvision_body(reference).to(device).train()
     images = torch.randn(args.batch_size, 3, args.size, args.size, device=device)
 
-    times: dict[str, list[float]] = {"ours": [], "torchvision": []}
-    for index in range(args.warmup + args.steps):
-        for label, model in (("ours", ours), ("torchvision", theirs)):
-            seconds = train_step(model, images, ours=label == "ours")
-            if index >= args.warmup:
-                times[label].append(seconds)
-
-    median_ours = statistics.median(times["ours"])
-    median_tv = statistics.median(times["torchvision"])
+    # GPU work included: the device is synchronized before the clock starts and before it stops.
+    times = alternate(
+        {
+            "ours": lambda: train_step(ours, images, ours=True),
+            "torchvision": lambda: train_step(theirs, images, ours=False),
+        },
+        repeats=args.steps,
+        warmup=args.warmup,
+        collect=False,
+        device=device,
+    )
+    median_ours = median(times["ours"])
+    median_tv = median(times["torchvision"])
     # Each (ours, torchvision) pair ran back to back: the median of per-pair ratios resists load drift.
-    paired = statistics.median(tv / mine for mine, tv in zip(times["ours"], times["torchvision"]))
+    paired = median([tv / mine for mine, tv in zip(times["ours"], times["torchvision"])])
     result = {
         "name": args.name,
         "batch_size": args.batch_size,
@@ -106,6 +104,23 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out:
         write_report(args.out, result)
         print(f"wrote {args.out}")
+    return result
+
+
+def bench_backbone(sizes: Sizes, device: torch.device) -> dict[str, Any]:
+    """The suite's entry (`python benchmarks/run.py --only backbone`): `main` at the suite's sizes, quietly."""
+    name, batch, size, steps = sizes.backbone
+    if device.type == "cuda":
+        name, batch, size, steps = "resnet50", 64, 224, 20
+    with redirect_stdout(io.StringIO()):
+        result = main(
+            ["--name", name, "--batch-size", str(batch), "--size", str(size), "--steps", str(steps),
+             "--warmup", "1", "--device", str(device)]
+        )  # fmt: skip
+    for key in ("times_ours", "times_torchvision", "platform"):
+        result.pop(key, None)
+    result["goal"] = 0.98
+    result["met"] = result["speed_ratio_ours_over_torchvision"] >= 0.98
     return result
 
 

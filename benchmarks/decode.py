@@ -10,9 +10,8 @@ It also checks that the decoders give the same pixels (max absolute difference, 
 from __future__ import annotations
 
 import argparse
-import statistics
+import functools
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,9 +21,8 @@ import numpy as np
 import torch
 import torchvision
 from PIL import Image
+from timing import Sizes, alternate, median, opencv_threads, torch_threads, write_report
 from torchvision.io import decode_jpeg, read_file
-
-from resnet_tasks.bench import write_report
 
 
 def write_jpegs(folder: Path, count: int, width: int, height: int, quality: int = 90, seed: int = 0) -> list[Path]:
@@ -91,28 +89,20 @@ def compare_pixels(paths: list[Path], reference: str = "pil") -> dict[str, dict[
     return result
 
 
+def _decode_all(decode: Callable[[Path], np.ndarray], paths: list[Path]) -> None:
+    for path in paths:
+        decode(path)
+
+
 def run(paths: list[Path], passes: int = 5, warmup: int = 1) -> dict[str, Any]:
     """Images/s per decoder (single thread), alternating decoders pass by pass; medians over passes."""
-    previous_threads, previous_cv_threads = torch.get_num_threads(), cv2.getNumThreads()
-    torch.set_num_threads(1)
-    cv2.setNumThreads(0)
-    # Decoding from the page cache is what we time, not the disk: read every file once first.
-    for path in paths:
-        path.read_bytes()
-    times: dict[str, list[float]] = {name: [] for name in DECODERS}
-    try:
-        for index in range(warmup + passes):
-            for name, decode in DECODERS.items():
-                start = time.perf_counter()
-                for path in paths:
-                    decode(path)
-                seconds = time.perf_counter() - start
-                if index >= warmup:
-                    times[name].append(seconds)
-    finally:
-        torch.set_num_threads(previous_threads)
-        cv2.setNumThreads(previous_cv_threads)
-    rates = {name: len(paths) / statistics.median(values) for name, values in times.items()}
+    with torch_threads(1), opencv_threads(0):
+        # Decoding from the page cache is what we time, not the disk: read every file once first.
+        for path in paths:
+            path.read_bytes()
+        candidates = {name: functools.partial(_decode_all, decode, paths) for name, decode in DECODERS.items()}
+        times = alternate(candidates, repeats=passes, warmup=warmup, collect=False)
+    rates = {name: len(paths) / median(values) for name, values in times.items()}
     equality = compare_pixels(paths)
     return {
         "images": len(paths),
@@ -130,6 +120,14 @@ def run(paths: list[Path], passes: int = 5, warmup: int = 1) -> dict[str, Any]:
             "pil_libjpeg_turbo": _pil_libjpeg_version(),
         },
     }
+
+
+def bench_decode(sizes: Sizes, device: torch.device) -> dict[str, Any]:
+    """The suite's entry (`python benchmarks/run.py --only decode`): `run` on generated JPEGs of the suite's sizes."""
+    width, height = sizes.data_size
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = write_jpegs(Path(tmp), sizes.data_images, width, height)
+        return run(paths, passes=sizes.data_passes)
 
 
 def _pil_libjpeg_version() -> str:

@@ -1,14 +1,15 @@
-"""Smoke test of the benchmark suite (`python -m resnet_tasks.bench`) at its smallest sizes: every benchmark runs
+"""Smoke test of the benchmark suite (`python benchmarks/run.py`) at its smallest sizes: every benchmark runs
 and the JSON report has every figure; the figures themselves are measured by hand, not here."""
 
 from __future__ import annotations
 
+import importlib
 import json
 from pathlib import Path
 
 import pytest
 
-from resnet_tasks import bench
+BENCHMARKS_DIR = Path(__file__).resolve().parents[1] / "benchmarks"
 
 EXPECTED_KEYS = {
     "lightning": {"classification", "detection", "segmentation"},
@@ -23,7 +24,12 @@ EXPECTED_KEYS = {
 LIGHTNING_KEYS = {"step_s_trainer", "step_s_loop", "ratio_loop_over_trainer", "ratio_per_round"}
 
 
-def test_suite_tiny_writes_every_figure(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_suite_tiny_writes_every_figure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # In process, as `python benchmarks/run.py` would run it: the benchmarks' folder first on sys.path.
+    monkeypatch.syspath_prepend(str(BENCHMARKS_DIR))
+    bench = importlib.import_module("run")
     out = tmp_path / "results.json"
     code = bench.main(["--tiny", "--out", str(out)])
     report = json.loads(out.read_text())

@@ -92,7 +92,7 @@ def classify(command: str) -> str:
         return "template"  # `--config ... --ckpt_path .../interrupted.ckpt`: the resume flow, tests/test_resume.py
     if words[0] == "resnet-tasks":
         return "run"
-    if command.startswith(("python -m resnet_tasks.bench", "python benchmarks/")):
+    if command.startswith("python benchmarks/"):
         return "benchmark"  # long runs by design: the test checks the arguments parse (test_bench runs the suite)
     if command == "python -m resnet_tasks":
         return "module"
@@ -256,17 +256,15 @@ class _Parsed(Exception):
 @pytest.mark.parametrize("command", [c for c in readme_commands() if classify(c) == "benchmark"])
 def test_benchmark_commands_parse(command: str, monkeypatch: pytest.MonkeyPatch) -> None:
     import argparse
-    import importlib.util
+    import importlib
 
     words = shlex.split(command)
-    if words[1] == "-m":
-        module = importlib.import_module(words[2])
-        argv = words[3:]
-    else:
-        spec = importlib.util.spec_from_file_location("readme_benchmark", REPO / words[1])
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        argv = words[2:]
+    script = REPO / words[1]
+    assert script.parent == REPO / "benchmarks" and script.is_file(), command
+    # As `python benchmarks/NAME.py` runs it: the benchmarks' folder first on sys.path, the file a plain module.
+    monkeypatch.syspath_prepend(str(script.parent))
+    module = importlib.import_module(script.stem)
+    argv = words[2:]
     original = argparse.ArgumentParser.parse_args
 
     def parse_then_stop(self: argparse.ArgumentParser, args: list[str] | None = None, namespace: object = None):
