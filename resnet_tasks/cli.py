@@ -1,4 +1,5 @@
-"""The `resnet-tasks` command: Lightning CLI with our defaults, argument links and metrics.json."""
+"""The `resnet-tasks` command: one registry of subcommands; Lightning's CLI (links, defaults, metrics.json) for
+fit/validate/test/predict."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import json
 import math
 import os
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
 from resnet_tasks.callbacks import InterruptCheckpoint, LastCheckpoint
 from resnet_tasks.errors import UserError, find_user_error
+from resnet_tasks.labels import LabelSpace, upgrade_hyperparameters
 
 METRIC_PREFIXES = {"validate": "val/", "test": "test/", "fit": "val/"}
 
@@ -59,11 +63,36 @@ class ResNetTasksCLI(LightningCLI):
     """LightningCLI with the project's links and defaults (checkpoint on the main metric, loggers, writers)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("data.num_classes", "model.init_args.num_classes", apply_on="instantiate")
+        # Facts about the data reach the model here, once, at instantiation (never read back at run time).
+        parser.link_arguments("data", "model.init_args.label_space", self._label_space_of, apply_on="instantiate")
+        parser.link_arguments("data.evaluation_style", "model.init_args.evaluation_style", apply_on="instantiate")
         # Our data modules build DDP-aware samplers themselves (no padded duplicates in evaluation).
         parser.set_defaults({"trainer.use_distributed_sampler": False})
         if "return_predictions" in {action.dest for action in parser._actions}:
             parser.set_defaults({"return_predictions": False})
+
+    def _label_space_of(self, datamodule: L.LightningDataModule) -> LabelSpace | None:
+        """The data's label space; with none (a folder of images to predict), the one of `--ckpt_path`'s model."""
+        space = getattr(datamodule, "label_space", None)
+        return space if space is not None else getattr(self, "checkpoint_label_space", None)
+
+    def before_instantiate_classes(self) -> None:
+        """A checkpoint from before the label space: bring its hyper-parameters (now the model's config) up to date."""
+        config = self.config.get(self.config.get("subcommand") or "", None)
+        ckpt_path = config.get("ckpt_path") if config is not None else None
+        model = config.get("model") if config is not None else None
+        if not ckpt_path or not Path(ckpt_path).is_file() or model is None or model.get("init_args") is None:
+            return
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        info = checkpoint.get("resnet_tasks") or {}
+        saved = checkpoint.get("hyper_parameters") or {}
+        upgraded = upgrade_hyperparameters(info.get("task", ""), saved, info)
+        for key in set(saved) - set(upgraded):  # retired keys (segmentation's ignore_index)
+            (model.get("dict_kwargs") or {}).pop(key, None)
+        for key, value in upgraded.items():
+            if saved.get(key) != value:
+                model["init_args"][key] = LabelSpace.coerce(value) if key == "label_space" else value
+        self.checkpoint_label_space = LabelSpace.coerce(upgraded.get("label_space"))
 
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
         config = self._get(self.config_init, "trainer", default={})
@@ -108,26 +137,36 @@ class ResNetTasksCLI(LightningCLI):
             from resnet_tasks.writers import PredictionWriter
 
             if not any(isinstance(c, PredictionWriter) for c in callbacks):
-                callbacks.append(PredictionWriter())
+                callbacks.append(self.model.writer_class())
         kwargs["callbacks"] = callbacks
         return super().instantiate_trainer(**kwargs)
 
-    def _skip_pretrained_when_resuming(self) -> None:
+    def _prepare_model(self) -> None:
+        """Before a run: a resumed checkpoint supersedes pretrained weights; model and data must agree on classes."""
         ckpt_path = self._get(self.config_init, "ckpt_path", default=None) if self.subcommand else None
         if ckpt_path and hasattr(self.model, "skip_pretrained_weights"):
             self.model.skip_pretrained_weights = True
+        model_space = getattr(self.model, "label_space", None)
+        data_space = getattr(self.datamodule, "label_space", None)
+        if self.subcommand == "predict" or model_space is None or data_space is None:
+            return
+        if model_space.num_classes != data_space.num_classes and not self.model.evaluates_across_label_spaces:
+            raise UserError(
+                f"The model predicts {model_space.num_classes} classes but the data has {data_space.num_classes}; "
+                "use weights made for this label space, or --model.backbone.weights to reuse only a backbone."
+            )
 
     def before_fit(self) -> None:
-        self._skip_pretrained_when_resuming()
+        self._prepare_model()
 
     def before_validate(self) -> None:
-        self._skip_pretrained_when_resuming()
+        self._prepare_model()
 
     def before_test(self) -> None:
-        self._skip_pretrained_when_resuming()
+        self._prepare_model()
 
     def before_predict(self) -> None:
-        self._skip_pretrained_when_resuming()
+        self._prepare_model()
 
     def after_fit(self) -> None:
         write_metrics_json(self.trainer, METRIC_PREFIXES["fit"])
@@ -151,36 +190,39 @@ def _user_message(error: BaseException) -> str:
     return text
 
 
-def print_backbones() -> None:
-    """`resnet-tasks backbones`: every backbone name with its size, stage channels and strides."""
-    from resnet_tasks.backbones import backbone_table
+@dataclass(frozen=True)
+class Command:
+    """One `resnet-tasks` subcommand: its name, a one-line summary for the command list, and what runs it."""
 
-    print(f"{'backbone':<18} {'params (M)':>10}  stage channels -> strides")
-    for row in backbone_table():
-        channels = "/".join(str(c) for c in row["channels"])
-        strides = "/".join(str(s) for s in row["strides"])
-        print(f"{row['name']:<18} {row['params_m']:>10.2f}  {channels} -> {strides}")
+    name: str
+    summary: str
+    run: Callable[[list[str]], None]
 
 
-def main(args: list[str] | None = None) -> None:
-    """Entry point of `resnet-tasks` and `python -m resnet_tasks`.
+COMMANDS: dict[str, Command] = {}
 
-    Besides Lightning's fit/validate/test/predict: `backbones` lists the backbones and `plot` draws
-    training curves from runs' logs.
-    """
-    argv = sys.argv[1:] if args is None else list(args)
-    if argv[:1] == ["backbones"]:
-        print_backbones()
-        return
-    if argv[:1] == ["plot"]:
-        from resnet_tasks.plot import main as plot_main
 
-        try:
-            plot_main(argv[1:])
-        except UserError as error:
-            print(f"error: {error}", file=sys.stderr)
-            raise SystemExit(2) from None
-        return
+def register(name: str, summary: str) -> Callable[[Callable[[list[str]], None]], Callable[[list[str]], None]]:
+    """Add a subcommand to `resnet-tasks` (its function takes the arguments after the command name)."""
+
+    def add(run: Callable[[list[str]], None]) -> Callable[[list[str]], None]:
+        COMMANDS[name] = Command(name, summary, run)
+        return run
+
+    return add
+
+
+QUICKSTART_HINT = (
+    "start from a config in configs/quickstart/ (classification.yaml, detection.yaml, segmentation.yaml), e.g. "
+    "resnet-tasks fit --config configs/quickstart/detection.yaml"
+)
+
+
+def run_lightning(args: list[str]) -> None:
+    """fit / validate / test / predict through Lightning's CLI; user errors print one line and exit 2."""
+    words = [arg.split("=", 1)[0] for arg in args[1:]]
+    if not {"-h", "--help", "-c", "--config", "--model", "--print_config"} & set(words):
+        raise UserError(f"resnet-tasks {args[0]} needs --config FILE: {QUICKSTART_HINT}")
     _import_components()
     torch.set_float32_matmul_precision("high")
     UserError.last = None
@@ -201,11 +243,73 @@ def main(args: list[str] | None = None) -> None:
             file=sys.stderr,
         )
         raise SystemExit(3) from None
+    except UserError:
+        raise
     except Exception as error:
         user_error = find_user_error(error)
         if user_error is None:
             raise
-        print(f"error: {_user_message(user_error)}", file=sys.stderr)
+        raise UserError(_user_message(user_error)) from None
+
+
+for _name, _summary in (
+    ("fit", "train a model: resnet-tasks fit --config FILE [--key value ...]"),
+    ("validate", "evaluate on the validation split, write metrics.json: validate --config FILE --ckpt_path CKPT"),
+    ("test", "evaluate on the test split, write metrics.json: test --config FILE --ckpt_path CKPT"),
+    ("predict", "write predictions (CSV / COCO JSON / PNG masks) for a split or --data.predict_path DIR"),
+):
+    register(_name, _summary)(lambda args, _name=_name: run_lightning([_name, *args]))
+
+
+@register("backbones", "list every backbone with its size, stage channels and strides")
+def print_backbones(args: list[str]) -> None:
+    """`resnet-tasks backbones`: every backbone name with its size, stage channels and strides."""
+    from resnet_tasks.backbones import backbone_table
+
+    print(f"{'backbone':<18} {'params (M)':>10}  stage channels -> strides")
+    for row in backbone_table():
+        channels = "/".join(str(c) for c in row["channels"])
+        strides = "/".join(str(s) for s in row["strides"])
+        print(f"{row['name']:<18} {row['params_m']:>10.2f}  {channels} -> {strides}")
+
+
+@register("plot", "draw training curves from runs' metrics.csv: plot RUN_DIR... --out FILE.png [--error]")
+def plot(args: list[str]) -> None:
+    from resnet_tasks.plot import main as plot_main
+
+    plot_main(args)
+
+
+def usage() -> str:
+    """The command list `resnet-tasks --help` (and `resnet-tasks` alone) prints, one line per command."""
+    width = max(len(name) for name in COMMANDS)
+    lines = [
+        "usage: resnet-tasks COMMAND [options]    (also: python -m resnet_tasks COMMAND ...)",
+        "",
+        "commands:",
+        *[f"  {command.name:<{width}}  {command.summary}" for command in COMMANDS.values()],
+        "",
+        "`resnet-tasks COMMAND --help` shows a command's options; to begin, " + QUICKSTART_HINT + ".",
+    ]
+    return "\n".join(lines)
+
+
+def main(args: list[str] | None = None) -> None:
+    """Entry point of `resnet-tasks` and `python -m resnet_tasks`: dispatch to the registered command."""
+    argv = sys.argv[1:] if args is None else list(args)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage())
+        if not argv:
+            raise SystemExit(2)
+        return
+    command = COMMANDS.get(argv[0])
+    if command is None:
+        print(f"error: unknown command {argv[0]!r}.\n{usage()}", file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        command.run(argv[1:])
+    except UserError as error:
+        print(f"error: {_user_message(error)}", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -75,7 +75,7 @@ def test_validate_top1_equals_predictions_csv_accuracy(
 
 def test_load_from_checkpoint_needs_no_arguments(trained_run: dict[str, Path]) -> None:
     model = ClassificationTask.load_from_checkpoint(trained_run["ckpt"], map_location="cpu")
-    assert model.class_names == ["blue", "green", "red"]
+    assert model.label_space.class_names == ("blue", "green", "red")
     assert model.num_classes == 3 and model.hparams["backbone"]["name"] == "resnet18"
     model.eval()
     with torch.no_grad():
@@ -146,7 +146,7 @@ def _write_cifar10(root: Path, train: int = 60, test: int = 20) -> Path:
 def test_cifar_split_and_transforms(tmp_path: Path) -> None:
     root = _write_cifar10(tmp_path)
     data = CIFARDataModule(root=str(root), val_size=10, num_workers=0, batch_size=4)
-    assert data.num_classes == 10 and data.class_names[3] == "class3"
+    assert data.num_classes == 10 and data.label_space.name(3) == "class3"
     train, val, test = data._split("train"), data._split("val"), data._split("test")
     assert (len(train), len(val), len(test)) == (50, 10, 20)
     item = train[0]

@@ -9,8 +9,8 @@ import pytest
 import torch
 import yaml
 
-from resnet_tasks.tasks.base import OptimizerConfig, ScheduleFactor, SchedulerConfig
 from resnet_tasks.tasks.classification import ClassificationTask
+from resnet_tasks.tasks.optim import OptimizerConfig, ScheduleFactor, SchedulerConfig
 
 CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml") if "trainer" not in p.parts)
 TRAINER_PRESETS = sorted(str(p) for p in Path("configs/trainer").glob("*.yaml"))
@@ -120,3 +120,45 @@ def test_non_finite_loss_skips_then_aborts_naming_the_term() -> None:
         model._skip_optimizer_step = False
     with pytest.raises(UserError, match="loss_cls"):
         model.training_step(batch, 0)
+
+
+def test_help_and_no_arguments_list_every_command(run_cli) -> None:
+    from resnet_tasks.cli import COMMANDS
+
+    assert {"fit", "validate", "test", "predict", "backbones", "plot"} <= set(COMMANDS)
+    for args, expected_code in ((["--help"], 0), ([], 2)):
+        code, out, err = run_cli(*args)
+        assert code == expected_code
+        listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
+        assert listed == list(COMMANDS), out  # one line per command, in the registry's order
+    code, out, err = run_cli("frobnicate")
+    assert code == 2 and "unknown command 'frobnicate'" in err and "backbones" in err
+
+
+def test_fit_without_a_config_points_at_the_quickstarts(run_cli) -> None:
+    code, out, err = run_cli("fit")
+    assert code == 2 and "configs/quickstart/" in err and "Traceback" not in err
+    code, out, err = run_cli("fit", "--help")
+    assert code == 0 and "--config" in out
+
+
+def test_a_registered_command_runs_with_its_arguments(run_cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    from resnet_tasks import cli
+
+    seen: list[list[str]] = []
+    monkeypatch.setitem(cli.COMMANDS, "echo", cli.Command("echo", "test command", seen.append))
+    code, out, err = run_cli("echo", "a", "--b")
+    assert code == 0 and seen == [["a", "--b"]]
+    code, out, err = run_cli("--help")
+    assert "  echo" in out and "test command" in out
+
+
+def test_package_code_has_one_owner_per_concept() -> None:
+    """Tasks and writers never read the data module; the package never imports its benchmarks."""
+    package = Path(__file__).resolve().parent.parent / "resnet_tasks"
+    for path in package.rglob("*.py"):
+        text = path.read_text()
+        assert "benchmarks" not in text, path
+        if path.parent.name in ("tasks", "writers"):
+            assert "datamodule" not in text, path
+    assert not (package / "tasks" / "label_space.py").exists()

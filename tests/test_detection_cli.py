@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
@@ -111,3 +113,32 @@ def test_missing_dataset_is_one_clear_error(run_cli, tmp_path: Path) -> None:
     code, out, err = run_cli("validate", "--config", QUICKSTART, "--data.root", str(tmp_path), *SMALL,
                              *COMMON_TRAINER_ARGS)  # fmt: skip
     assert code == 2 and "instances_val2017.json" in err and "Traceback" not in err
+
+
+def test_folder_predict_from_ckpt_path_keeps_the_checkpoint_label_space(
+    run_cli, fitted: dict[str, Path], tmp_path: Path
+) -> None:
+    """No dataset, so the data announces no label space: the checkpoint's (names, category ids) stays."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for stem in ("v0", "v1"):
+        shutil.copy(fitted["coco"] / "val2017" / f"{stem}.jpg", folder / f"{stem}.jpg")
+    code, out, err = run_cli("predict", "--config", QUICKSTART, "--data.predict_path", str(folder),
+                             "--ckpt_path", str(fitted["ckpt"]), *ALL_BOXES, "--trainer.default_root_dir",
+                             str(tmp_path), *COMMON_TRAINER_ARGS)  # fmt: skip
+    assert code == 0, err
+    results = json.loads(printed_path(out, "predictions written: ").read_text())
+    assert results and {r["image_id"] for r in results} <= {"v0", "v1"}
+    assert {r["category_id"] for r in results} <= {2, 5, 9}
+
+
+def test_two_files_with_one_stem_stop_predict_before_any_work(run_cli, fitted: dict[str, Path], tmp_path: Path) -> None:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    shutil.copy(fitted["coco"] / "val2017" / "v0.jpg", folder / "x.jpg")
+    Image.open(folder / "x.jpg").save(folder / "x.webp")
+    code, out, err = run_cli("predict", "--config", QUICKSTART, "--data.predict_path", str(folder),
+                             "--model.weights", str(fitted["ckpt"]), *SMALL, "--trainer.default_root_dir",
+                             str(tmp_path / "run"), *COMMON_TRAINER_ARGS)  # fmt: skip
+    assert code == 2 and "x.jpg" in err and "x.webp" in err and "Traceback" not in err
+    assert not list((tmp_path / "run").rglob("predictions.json"))

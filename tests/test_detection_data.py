@@ -94,9 +94,12 @@ def _module(root: Path, **kwargs) -> CocoDetectionDataModule:
 
 def test_label_space_is_sorted_category_ids_with_background_placeholder(tiny_coco: Path) -> None:
     data = _module(tiny_coco)
-    assert data.num_classes == 3
-    assert data.class_names == ["__background__", "cat", "dog", "bird"]
-    assert data.label_to_category_id == [0, 2, 5, 9]
+    assert data.num_classes == 4  # background included, as the model counts its outputs
+    assert data.label_space.class_names == ("background", "cat", "dog", "bird") and data.label_space.background
+    assert data.label_space.category_ids == (0, 2, 5, 9)
+    data.setup("validate")
+    _, target = data._datasets["val"][0]
+    assert target["category_ids"].tolist() == [(0, 2, 5, 9)[label] for label in target["labels"].tolist()]
 
 
 def test_val_targets_keep_crowd_empty_images_and_report_fixed_boxes(tiny_coco: Path) -> None:
@@ -288,8 +291,8 @@ def test_voc_splits_difficult_and_pixel_convention(tmp_path: Path) -> None:
     assert parse_split("2007-trainval+2012-trainval") == [("2007", "trainval"), ("2012", "trainval")]
     data = VOCDetectionDataModule(root=str(root), class_names=["cat", "dog"], batch_size=1, num_workers=0,
                                   hflip_prob=0.0)  # fmt: skip
-    assert data.num_classes == 2 and data.label_to_category_id == [0, 1, 2]
-    assert data.class_names == ["__background__", "cat", "dog"]
+    assert data.num_classes == 3 and data.label_space.category_ids == (0, 1, 2)
+    assert data.label_space.class_names == ("background", "cat", "dog")
     data.setup("fit")
     train = data._datasets["train"]
     assert len(train) == 2  # a (07) + d (12)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from resnet_tasks.data.coco import CocoDetectionDataModule
 from resnet_tasks.errors import UserError
+from resnet_tasks.labels import LabelSpace
 from resnet_tasks.tasks.detection import DetectionTask
 from resnet_tasks.writers.detection import DetectionWriter, box_colour
 from tests.test_detection_data import make_tiny_coco
@@ -28,7 +29,7 @@ def tiny_coco(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_state_dict_keys_equal_torchvision_fasterrcnn_resnet50_fpn() -> None:
-    ours = DetectionTask(num_classes=90).model.state_dict()
+    ours = DetectionTask(num_classes=91).model.state_dict()
     theirs = torchvision.models.detection.fasterrcnn_resnet50_fpn(weights=None, weights_backbone=None).state_dict()
     assert list(ours) == list(theirs)
     assert all(ours[key].shape == theirs[key].shape for key in ours)
@@ -45,8 +46,8 @@ def test_torchvision_state_dict_gives_torchvision_detections(tmp_path: Path) -> 
     path = tmp_path / "frcnn.pth"
     torch.save(reference.state_dict(), path)
     task = DetectionTask(weights=str(path), **options)
-    assert task.num_classes == 90 and task.label_to_category_id == list(range(91))  # COCO's 91-row layout
-    assert task.class_names[1] == "person"
+    assert task.num_classes == 91 and task.label_space.category_id(90) == 90  # COCO's 91-row layout
+    assert task.label_space.class_names[:2] == ("background", "person") and task.label_space.background
     task.load_pretrained()
     task.eval()
     images = [torch.rand(3, 80, 112), torch.rand(3, 96, 72)]
@@ -63,7 +64,7 @@ def test_torchvision_state_dict_gives_torchvision_detections(tmp_path: Path) -> 
 def test_pretrained_weights_switch_to_frozen_bn_and_three_trainable_stages(tmp_path: Path) -> None:
     path = tmp_path / "resnet18.pth"
     torch.save(torchvision.models.resnet18().state_dict(), path)
-    task = DetectionTask(num_classes=3, backbone={"name": "resnet18", "weights": str(path)}, **SMALL)
+    task = DetectionTask(num_classes=4, backbone={"name": "resnet18", "weights": str(path)}, **SMALL)
     body = task.backbone_module()
     assert type(body.bn1).__name__ == "FrozenBatchNorm2d"
     trainable = {name.split(".")[0] for name, p in body.named_parameters() if p.requires_grad}
@@ -72,17 +73,17 @@ def test_pretrained_weights_switch_to_frozen_bn_and_three_trainable_stages(tmp_p
     task.load_pretrained()
     assert torch.equal(body.conv1.weight, torch.load(path)["conv1.weight"])
 
-    scratch = DetectionTask(num_classes=3, backbone={"name": "resnet18"}, **SMALL).backbone_module()
+    scratch = DetectionTask(num_classes=4, backbone={"name": "resnet18"}, **SMALL).backbone_module()
     assert isinstance(scratch.bn1, torch.nn.BatchNorm2d) and all(p.requires_grad for p in scratch.parameters())
-    frozen = DetectionTask(num_classes=3, backbone={"name": "resnet18"}, trainable_backbone_layers=0, **SMALL)
+    frozen = DetectionTask(num_classes=4, backbone={"name": "resnet18"}, trainable_backbone_layers=0, **SMALL)
     assert not any(p.requires_grad for p in frozen.backbone_module().parameters())
     with pytest.raises(UserError, match="trainable_backbone_layers"):
-        DetectionTask(num_classes=3, backbone={"name": "resnet18"}, trainable_backbone_layers=6, **SMALL)
+        DetectionTask(num_classes=4, backbone={"name": "resnet18"}, trainable_backbone_layers=6, **SMALL)
 
 
 def test_resnet18_fpn_is_sized_from_the_backbone_and_trains(tiny_coco: Path) -> None:
     torch.manual_seed(0)
-    task = DetectionTask(num_classes=3, backbone={"name": "resnet18"}, **SMALL)
+    task = DetectionTask(num_classes=4, backbone={"name": "resnet18"}, **SMALL)
     assert task.model.backbone.fpn.inner_blocks[-1][0].in_channels == 512
     data = CocoDetectionDataModule(root=str(tiny_coco), batch_size=2, num_workers=0)
     data.setup("fit")
@@ -93,32 +94,43 @@ def test_resnet18_fpn_is_sized_from_the_backbone_and_trains(tiny_coco: Path) -> 
     sum(losses.values()).backward()
     assert task.model.backbone.body.conv1.weight.grad is not None
     assert task.model.roi_heads.box_predictor.cls_score.weight.grad is not None
-    assert task.model.roi_heads.box_predictor.cls_score.out_features == 4  # 3 classes + background
+    assert task.model.roi_heads.box_predictor.cls_score.out_features == 4  # background + 3 classes
 
 
 def test_label_space_of_torchvision_coco_weights_is_read_without_the_file() -> None:
-    task = DetectionTask(num_classes=3, backbone={"name": "resnet18"}, weights=COCO_WEIGHTS)
-    assert task.num_classes == 90 and task.model.roi_heads.box_predictor.cls_score.out_features == 91
-    assert task.class_names[:2] == ["__background__", "person"] and task.label_to_category_id[90] == 90
+    with pytest.warns(UserWarning, match="keeps the weights' label space"):
+        task = DetectionTask(num_classes=4, backbone={"name": "resnet18"}, weights=COCO_WEIGHTS)
+    assert task.num_classes == 91 and task.model.roi_heads.box_predictor.cls_score.out_features == 91
+    assert task.label_space.class_names[:2] == ("background", "person") and task.label_space.category_id(90) == 90
     assert type(task.backbone_module().bn1).__name__ == "FrozenBatchNorm2d"
 
 
 def test_configuration_errors() -> None:
-    with pytest.raises(UserError, match="number of classes"):
+    with pytest.raises(UserError, match="needs its classes"):
         DetectionTask(num_classes=None, backbone={"name": "resnet18"})
+    with pytest.raises(UserError, match="at least 2"):
+        DetectionTask(num_classes=1, backbone={"name": "resnet18"})
+    with pytest.raises(UserError, match="set up for 2 classes.*data has 3"):
+        DetectionTask(num_classes=2, label_space=LabelSpace.with_background(["cat", "dog"]))
     with pytest.raises(UserError, match="anchor_sizes"):
         DetectionTask(num_classes=2, backbone={"name": "resnet18"}, anchor_sizes=[[32], [64]])
-    with pytest.raises(UserError, match="Unknown torchvision weights"):
+    with pytest.raises(UserError, match="unknown torchvision weights"):
         DetectionTask(num_classes=2, backbone={"name": "resnet18"}, weights="FasterRCNN_ResNet50_FPN_Weights.NOPE")
     with pytest.raises(UserError, match="not found"):
-        DetectionTask(num_classes=2, backbone={"name": "resnet18"}, weights="/nowhere/model.pth")
+        DetectionTask(backbone={"name": "resnet18"}, weights="/nowhere/model.pth")
+    # With the classes known (load_from_checkpoint's hyper-parameters) the model builds; loading the weights
+    # themselves still fails loudly when they are needed.
+    task = DetectionTask(num_classes=2, backbone={"name": "resnet18"}, weights="/nowhere/model.pth")
+    with pytest.raises(UserError, match="not found"):
+        task.load_pretrained()
 
 
 def test_metrics_compare_in_category_id_space(tiny_coco: Path) -> None:
     """Model labels (COCO ids, torchvision weights) and data labels (contiguous) meet as category ids."""
-    task = DetectionTask(num_classes=3, backbone={"name": "resnet18"}, weights=COCO_WEIGHTS)
-    task.data_label_to_category_id = [0, 2, 5, 9]
-    target = {"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([3]), "iscrowd": torch.tensor([0]),
+    task = DetectionTask(backbone={"name": "resnet18"}, weights=COCO_WEIGHTS)
+    # Data label 3 is the data's category id 9; the model's output 9 is COCO's category id 9.
+    target = {"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([3]),
+              "category_ids": torch.tensor([9]), "iscrowd": torch.tensor([0]),
               "difficult": torch.tensor([0], dtype=torch.uint8), "area": torch.tensor([100.0])}  # fmt: skip
     detection = {"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([9]), "scores": torch.tensor([0.9])}
     task._update_metrics([detection], [target])
@@ -126,8 +138,8 @@ def test_metrics_compare_in_category_id_space(tiny_coco: Path) -> None:
 
 
 def test_writer_writes_coco_results_and_pictures(tmp_path: Path) -> None:
-    task = SimpleNamespace(label_to_category_id=[0, 2, 5, 9], class_names=["__background__", "cat", "dog", "bird"])
-    writer = DetectionWriter(tmp_path, task, None)
+    writer = DetectionWriter()
+    writer.start(tmp_path, LabelSpace.with_background(["cat", "dog", "bird"], [2, 5, 9]))
     images = [torch.rand(3, 40, 60), torch.rand(3, 50, 30)]
     targets = [{"index": 0, "image_key": 17, "file_name": "val/a.jpg"},
                {"index": 1, "image_key": "b", "file_name": "b.jpg"}]  # fmt: skip
@@ -154,8 +166,8 @@ def test_writer_writes_coco_results_and_pictures(tmp_path: Path) -> None:
 
 
 def test_picture_boxes_are_coloured_by_class(tmp_path: Path) -> None:
-    task = SimpleNamespace(label_to_category_id=None, class_names=["__background__", "cat", "dog"])
-    writer = DetectionWriter(tmp_path, task, None)
+    writer = DetectionWriter()
+    writer.start(tmp_path, LabelSpace.with_background(["cat", "dog"]))
     image = torch.zeros(3, 40, 80)
     detections = {"boxes": torch.tensor([[5.0, 5.0, 35.0, 35.0], [45.0, 5.0, 75.0, 35.0]]),
                   "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.9, 0.9])}  # fmt: skip

@@ -9,9 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from resnet_tasks.data.shapes import VOC_PALETTE
+from resnet_tasks.data.masks import VOC_PALETTE
 from resnet_tasks.data.voc_segmentation import (
-    IGNORE_INDEX,
     SizeGroupedBatchSampler,
     VOCSegmentationDataModule,
     collate_eval,
@@ -19,6 +18,7 @@ from resnet_tasks.data.voc_segmentation import (
     segmentation_train_transform,
 )
 from resnet_tasks.errors import UserError
+from resnet_tasks.labels import IGNORE_INDEX
 
 NUM_CLASSES = 21
 
@@ -84,7 +84,7 @@ def module(root: Path, **kwargs) -> VOCSegmentationDataModule:
 
 def test_train_batches_hold_only_class_ids_and_ignore(voc_root: Path) -> None:
     data = module(voc_root)
-    assert data.num_classes == 21 and data.class_names[0] == "background"
+    assert data.num_classes == 21 and data.label_space.class_names[0] == "background"
     data.setup("fit")
     seen: set[int] = set()
     for _ in range(3):
@@ -268,7 +268,7 @@ def test_shapes_module_reads_the_generated_voc_set(tmp_path: Path) -> None:
 
     shapes = ensure_shapes(tmp_path / "shapes", num_train=8, num_val=4, image_size=64)
     data = ShapesSegmentationDataModule(root=str(shapes / "voc"), batch_size=4, num_workers=0, crop_size=64)
-    assert data.class_names == ["background", *SHAPE_CLASSES] and data.num_classes == 1 + len(SHAPE_CLASSES)
+    assert data.label_space.class_names == ("background", *SHAPE_CLASSES) and data.num_classes == 1 + len(SHAPE_CLASSES)
     data.setup("fit")
     batch = next(iter(data.train_dataloader()))
     assert batch["mask"].shape == (4, 64, 64)

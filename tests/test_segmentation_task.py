@@ -11,8 +11,10 @@ import torch
 import torchvision
 from PIL import Image
 
+from resnet_tasks.backbones import BackboneConfig
 from resnet_tasks.errors import UserError
-from resnet_tasks.tasks.base import BackboneConfig, OptimizerConfig
+from resnet_tasks.labels import LabelSpace
+from resnet_tasks.tasks.optim import OptimizerConfig
 from resnet_tasks.tasks.segmentation import SegmentationTask
 from resnet_tasks.writers.segmentation import SegmentationWriter
 
@@ -64,7 +66,8 @@ def test_torchvision_pth_gives_torchvision_logits(tmp_path: Path, torchvision_fc
 def test_weights_fix_the_label_space() -> None:
     task = SegmentationTask(weights="FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1", backbone=BackboneConfig("resnet18"))
     assert task.num_classes == 21
-    assert task.class_names[0] == "background" and task.class_names[15] == "person"
+    names = task.label_space.class_names
+    assert names[0] == "background" and names[15] == "person" and task.label_space.background
     with pytest.raises(UserError, match="--model.backbone.weights"):
         SegmentationTask(num_classes=4, weights="FCN_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1")
     with pytest.raises(UserError, match="num_classes"):
@@ -158,8 +161,8 @@ def test_palette_png_writer(tmp_path: Path) -> None:
     Image.fromarray(np.full((30, 50, 3), 128, dtype=np.uint8)).save(image_path)
     mask = torch.zeros(30, 50, dtype=torch.uint8)
     mask[5:20, 10:40] = 2
-    task = SimpleNamespace(class_names=["background", "a", "b"])
-    writer = SegmentationWriter(tmp_path / "out", task, None, num_overlays=1)
+    writer = SegmentationWriter(num_overlays=1)
+    writer.start(tmp_path / "out", LabelSpace(("background", "a", "b"), background=True))
     writer.write_batch({"stem": ["photo"], "path": [str(image_path)], "mask": [mask]}, None)
     written = writer.finish(SimpleNamespace(world_size=1, is_global_zero=True))
     png = Image.open(tmp_path / "out" / "masks" / "photo.png")

@@ -16,10 +16,10 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from resnet_tasks.data import shapes
+from resnet_tasks.data.masks import VOC_PALETTE
 from resnet_tasks.data.shapes import (
     COCO_CATEGORY_IDS,
     SHAPE_CLASSES,
-    VOC_PALETTE,
     ensure_shapes,
     generate_shapes,
 )

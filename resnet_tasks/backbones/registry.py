@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import difflib
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any, Literal
 
 import torch
 
 from ..errors import UserError
 from .blocks import BLOCKS
 from .resnet import ResNetBackbone, count_parameters
-from .weights import extract_backbone_state_dict, load_state_dict_into, load_weights_spec
-
-logger = logging.getLogger(__name__)
+from .weights import load_backbone_weights
 
 IMAGENET_WIDTHS = (64, 128, 256, 512)
 CIFAR_WIDTHS = (16, 32, 64)
@@ -185,12 +183,34 @@ def build_backbone(
     )
     model.name = name
     if weights:
-        state_dict, _meta = load_weights_spec(weights)
-        backbone_part = extract_backbone_state_dict(state_dict, model)
-        report = load_state_dict_into(model, backbone_part, source=weights, what=f"backbone {name}")
-        model.weights_report = report
-        logger.info("%s", report.summary())
+        model.weights_report = load_backbone_weights(model, weights, what=f"backbone {name}")
     return model
+
+
+@dataclass
+class BackboneConfig:
+    """The `backbone` config group, the same for every task (`--model.backbone.name resnet18`).
+
+    `output_stride` / `shortcut` None keep the task's or the variant's default.
+    """
+
+    name: str = "resnet50"
+    weights: str | None = None
+    frozen_stages: int = 0
+    norm: Literal["bn", "frozen_bn", "sync_bn", "gn"] = "bn"
+    output_stride: int | None = None
+    shortcut: bool | None = None
+    zero_init_residual: bool = False
+
+    def build(self, **task_defaults: Any) -> ResNetBackbone:
+        """The backbone these settings describe, without weights; `task_defaults` fill the unset options."""
+        options: dict[str, Any] = dict(task_defaults)
+        options.update(frozen_stages=self.frozen_stages, norm=self.norm, zero_init_residual=self.zero_init_residual)
+        if self.output_stride is not None:
+            options["output_stride"] = self.output_stride
+        if self.shortcut is not None:
+            options["shortcut"] = self.shortcut
+        return build_backbone(self.name, None, **options)
 
 
 def guess_backbone(keys_and_shapes: Mapping[str, tuple[int, ...]]) -> str | None:

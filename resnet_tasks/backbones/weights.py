@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from ..errors import UserError
+from ..labels import LabelSpace, upgrade_hyperparameters
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,12 @@ def torchvision_weight_names() -> list[str]:
         enum = tv_models.get_model_weights(model_name)
         names.update(f"{enum.__name__}.{member}" for member in enum.__members__)
     return sorted(names)
+
+
+def is_torchvision_weights_name(spec: str) -> bool:
+    """True when `spec` names torchvision weights (``Enum_Weights.MEMBER``) rather than a file on disk."""
+    spec = str(spec)
+    return bool(ENUM_PATTERN.match(spec)) and not Path(spec).expanduser().exists()
 
 
 def hub_checkpoint_path(url: str) -> Path:
@@ -196,7 +203,7 @@ def load_weights_spec(spec: str) -> tuple[dict[str, torch.Tensor], dict[str, Any
     """
     spec = str(spec)
     path = Path(spec).expanduser()
-    if ENUM_PATTERN.match(spec) and not path.exists():
+    if is_torchvision_weights_name(spec):
         weights = _resolve_enum(spec)
         file = hub_checkpoint_path(weights.url)
         if not file.is_file():
@@ -215,6 +222,49 @@ def load_weights_spec(spec: str) -> tuple[dict[str, torch.Tensor], dict[str, Any
     if path.is_dir():
         raise UserError(f"weights path {path} is a directory; pass the .pth/.pt/.ckpt file inside it")
     return _as_state_dict(_torch_load(path), path)
+
+
+def _peek(path: Path) -> Any:
+    """torch.load a file lazily (mmap: tensors are not read) for its metadata and shapes; None when unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None  # not a zip archive (mmap needs one), or refused: load_weights_spec reports it when loading
+
+
+def label_space_of(spec: str, head_key: str, task: str) -> LabelSpace | int | None:
+    """What whole-model weights `spec` predict, read without loading their tensors.
+
+    A torchvision weights name answers from its metadata ("categories"); a `.ckpt` from `resnet-tasks fit` from
+    its hyper-parameters; a `.pth`/`.pt` only with a count: the rows of the classifier `head_key` (an int).
+    None when it cannot tell (the loading itself then reports what is wrong with the file).
+    """
+    spec = str(spec)
+    if is_torchvision_weights_name(spec):
+        categories = list(_resolve_enum(spec).meta.get("categories") or [])
+        if not categories:
+            raise UserError(f"torchvision weights {spec} carry no category list; they are not {task} weights.")
+        return LabelSpace(tuple(categories), background=categories[0] == "__background__")
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        raise UserError(
+            f"weights file not found: {path}. Pass an existing .pth/.pt/.ckpt file or a torchvision weights "
+            "name (check --model.weights)"
+        )
+    data = _peek(path)
+    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
+        info = data.get("resnet_tasks") or {}
+        hparams = upgrade_hyperparameters(info.get("task", task), data.get("hyper_parameters") or {}, info)
+        if hparams.get("label_space") is not None:
+            return LabelSpace.coerce(hparams["label_space"])
+        data = data["state_dict"]
+    elif isinstance(data, Mapping) and isinstance(data.get("model"), Mapping):
+        data = data["model"]
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            if str(key).endswith(head_key) and isinstance(value, torch.Tensor):
+                return int(value.shape[0])
+    return None
 
 
 def extract_backbone_state_dict(state_dict: Mapping[str, Any], backbone: nn.Module) -> dict[str, Any]:
@@ -259,13 +309,12 @@ def _layout_hint(state_dict: Mapping[str, Any]) -> str:
     return f"; the file looks like {guess} weights" if guess else ""
 
 
-def load_state_dict_into(
+def compare_state_dict(
     module: nn.Module, state_dict: Mapping[str, Any], *, source: str, what: str = "model"
-) -> LoadReport:
-    """Load every key of ``state_dict`` whose name and shape match ``module``'s; return a ``LoadReport``.
+) -> tuple[LoadReport, dict[str, Any]]:
+    """Match ``state_dict`` (wrapper prefixes stripped) against ``module``'s keys and shapes, loading nothing.
 
-    Strips ``module.`` / ``_orig_mod.`` prefixes. Raises UserError with the key-match summary when any key of
-    ``module`` is missing from the file or has another shape; extra keys in the file are only reported.
+    Returns the report and the loadable part (the keys whose name and shape match).
     """
     state_dict = strip_wrapper_prefixes(state_dict)
     own = module.state_dict()
@@ -286,6 +335,18 @@ def load_state_dict_into(
         report.matched.append(key)
         loadable[key] = value
     report.unexpected = [key for key in state_dict if key not in own]
+    return report, loadable
+
+
+def load_state_dict_into(
+    module: nn.Module, state_dict: Mapping[str, Any], *, source: str, what: str = "model"
+) -> LoadReport:
+    """Load every key of ``state_dict`` whose name and shape match ``module``'s; return a ``LoadReport``.
+
+    Strips ``module.`` / ``_orig_mod.`` prefixes. Raises UserError with the key-match summary when any key of
+    ``module`` is missing from the file or has another shape; extra keys in the file are only reported.
+    """
+    report, loadable = compare_state_dict(module, state_dict, source=source, what=what)
     if not report.ok:
         raise UserError(
             f"weights {source} do not fit the {what}{_layout_hint(state_dict)}.\n{report.summary()}\n"
@@ -297,8 +358,20 @@ def load_state_dict_into(
     return report
 
 
+def load_backbone_weights(backbone: nn.Module, spec: str, what: str = "backbone") -> LoadReport:
+    """Load the backbone part of weights `spec` (any layout: torchvision classifier or detector, our .ckpt)."""
+    state_dict, _ = load_weights_spec(spec)
+    report = load_state_dict_into(backbone, extract_backbone_state_dict(state_dict, backbone), source=spec, what=what)
+    logger.info("%s", report.summary())
+    return report
+
+
 __all__ = [
     "LoadReport",
+    "compare_state_dict",
+    "is_torchvision_weights_name",
+    "label_space_of",
+    "load_backbone_weights",
     "extract_backbone_state_dict",
     "hub_checkpoint_path",
     "load_state_dict_into",

@@ -26,6 +26,7 @@ from resnet_tasks.data.transforms import (
     imagenet_train_transform,
 )
 from resnet_tasks.errors import UserError
+from resnet_tasks.labels import LabelSpace
 
 IMAGEFOLDER_LAYOUT = """expected layout:
   ROOT/train/<class name>/*.jpg|jpeg|png
@@ -126,13 +127,13 @@ class ImageFolderDataModule(BaseDataModule):
             self.root = None  # predicting on a folder needs no dataset (the config may name one not here)
         if self.root is not None:
             self.folder_names = self._discover_classes()
-            self.class_names = list(class_names) if class_names else list(self.folder_names)
-            if len(self.class_names) != len(self.folder_names):
+            names = list(class_names) if class_names else list(self.folder_names)
+            if len(names) != len(self.folder_names):
                 raise UserError(
-                    f"--data.class_names has {len(self.class_names)} names but {self.root} has "
+                    f"--data.class_names has {len(names)} names but {self.root} has "
                     f"{len(self.folder_names)} class folders."
                 )
-            self.num_classes = len(self.class_names)
+            self.label_space = LabelSpace(tuple(names))
         elif predict_path is None:
             self.require_root()
         self.datasets: dict[str, Dataset] = {}
@@ -293,6 +294,9 @@ def load_cifar(root: Path, variant: int, train: bool) -> tuple[np.ndarray, np.nd
     return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), names
 
 
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+
+
 class CIFARDataModule(BaseDataModule):
     """CIFAR-10 / CIFAR-100 from torchvision's python-pickle files under `root`.
 
@@ -323,18 +327,18 @@ class CIFARDataModule(BaseDataModule):
         self.variant = variant
         self.val_size = val_size
         self.download = download
-        self.num_classes = variant
         self.mean, self.std = (CIFAR10_MEAN, CIFAR10_STD) if variant == 10 else (CIFAR100_MEAN, CIFAR100_STD)
-        self.class_names = self._read_class_names()
+        names = self._read_class_names()
+        self.label_space = LabelSpace(tuple(names)) if names else LabelSpace.anonymous(variant)
         self.datasets: dict[str, Dataset] = {}
 
     def _read_class_names(self) -> list[str]:
-        if self.root is None:
-            return []
+        """The names in the dataset's meta file; before a download, CIFAR-10's well-known ones."""
         folder, _, _, meta_file = CIFAR_FILES[self.variant]
-        meta_path = self.root / folder / meta_file
-        if not meta_path.is_file():
-            return []  # downloaded in prepare_data, or reported when a split is loaded
+        meta_path = self.root / folder / meta_file if self.root is not None else None
+        if meta_path is None or not meta_path.is_file():
+            # CIFAR-100's fine names come with its download; until then they are numbered.
+            return list(CIFAR10_CLASSES) if self.variant == 10 else []
         meta = _unpickle(meta_path)
         return list(meta["label_names"] if self.variant == 10 else meta["fine_label_names"])
 
@@ -366,7 +370,6 @@ class CIFARDataModule(BaseDataModule):
         else:
             images, labels, names = load_cifar(root, self.variant, train=False)
             dataset = ArrayImageDataset(images, labels, eval_tf, "test")
-        self.class_names = names
         self.datasets[key] = dataset
         return dataset
 

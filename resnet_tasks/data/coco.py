@@ -24,8 +24,7 @@ from resnet_tasks.data.common import (
     read_image,
 )
 from resnet_tasks.errors import UserError
-
-BACKGROUND_NAME = "__background__"
+from resnet_tasks.labels import LabelSpace
 
 COCO_LAYOUT = """Expected COCO layout under --data.root:
   annotations/instances_train2017.json
@@ -311,16 +310,24 @@ def detection_collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> t
 class DetectionDataset(Dataset):
     """Images + targets from `DetectionAnnotations`.
 
-    A target holds `boxes` float32 (N, 4) XYXY pixels, `labels` int64 (N,), `iscrowd` int64, `difficult`
-    uint8, `area` float32, `image_id` int64, `orig_size` int64 (h, w), plus `index` (position in the split),
-    `image_key` (id written to results) and `file_name`. Training targets drop crowd and difficult objects;
-    evaluation targets keep them, flagged, for the metrics to ignore.
+    A target holds `boxes` float32 (N, 4) XYXY pixels, `labels` int64 (N,), `category_ids` int64 (N,: the
+    dataset's id of each label, from `category_ids[label]`; the label itself when None), `iscrowd` int64,
+    `difficult` uint8, `area` float32, `image_id` int64, `orig_size` int64 (h, w), plus `index` (position in
+    the split), `image_key` (id written to results) and `file_name`. Training targets drop crowd and difficult
+    objects; evaluation targets keep them, flagged, for the metrics to ignore.
     """
 
-    def __init__(self, annotations: DetectionAnnotations, train: bool, transform: A.Compose | None = None) -> None:
+    def __init__(
+        self,
+        annotations: DetectionAnnotations,
+        train: bool,
+        transform: A.Compose | None = None,
+        category_ids: Sequence[int] | None = None,
+    ) -> None:
         self.annotations = annotations
         self.train = train
         self.transform = transform
+        self.category_ids = None if category_ids is None else np.asarray(category_ids, dtype=np.int64)
 
     def __len__(self) -> int:
         return len(self.annotations)
@@ -351,9 +358,12 @@ class DetectionDataset(Dataset):
             crowd = np.zeros(len(labels), dtype=np.uint8)
             difficult = np.zeros(len(labels), dtype=np.uint8)
             areas = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+        labels = np.asarray(labels, dtype=np.int64).reshape(-1)
+        category_ids = self.category_ids[labels] if self.category_ids is not None else labels
         target = {
             "boxes": torch.as_tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-            "labels": torch.as_tensor(labels, dtype=torch.int64).reshape(-1),
+            "labels": torch.as_tensor(labels, dtype=torch.int64),
+            "category_ids": torch.as_tensor(category_ids, dtype=torch.int64),
             "iscrowd": torch.as_tensor(crowd, dtype=torch.int64).reshape(-1),
             "difficult": torch.as_tensor(difficult, dtype=torch.uint8).reshape(-1),
             "area": torch.as_tensor(areas, dtype=torch.float32).reshape(-1),
@@ -382,6 +392,7 @@ class ImageFolderDetectionDataset(Dataset):
         target = {
             "boxes": torch.zeros((0, 4), dtype=torch.float32),
             "labels": torch.zeros((0,), dtype=torch.int64),
+            "category_ids": torch.zeros((0,), dtype=torch.int64),
             "image_id": torch.tensor(index, dtype=torch.int64),
             "orig_size": torch.tensor([height, width], dtype=torch.int64),
             "index": index,
@@ -449,9 +460,9 @@ class GroupedBatchSampler(Sampler[list[int]]):
 class DetectionDataModule(BaseDataModule):
     """What the COCO and VOC detection modules share: datasets, loaders, grouping, predict folders.
 
-    Label convention: labels 1..K are the object classes, 0 is the background. `class_names` and
-    `label_to_category_id` are indexed by label, so index 0 holds a placeholder ("__background__", id 0) that
-    is never written to results. The writer maps labels back with `label_to_category_id` once.
+    Label convention: labels 1..K are the object classes, 0 is the background (`label_space`: background at 0
+    with category id 0, never written to results). Targets carry each box's dataset category id beside its
+    label, so evaluation compares in the dataset's id space whatever label space the model has.
     Subclasses implement `load_split(split)`; `evaluation_style` says which extra metrics apply ("coco"|"voc").
     """
 
@@ -511,9 +522,8 @@ class DetectionDataModule(BaseDataModule):
         return self._annotations[split]
 
     def set_label_space(self, names: Sequence[str], category_ids: Sequence[int]) -> None:
-        self.num_classes = len(names)
-        self.class_names = [BACKGROUND_NAME, *names]
-        self.label_to_category_id = [0, *[int(i) for i in category_ids]]
+        """Background, then the object classes `names` with their dataset `category_ids` (labels 1..K)."""
+        self.label_space = LabelSpace.with_background(names, category_ids)
 
     # -- datasets
     def train_dataset(self) -> DetectionDataset:
@@ -530,10 +540,14 @@ class DetectionDataModule(BaseDataModule):
                 f"--data.batch_size {self.batch_size}."
             )
         transform = detection_train_transform(self.hflip_prob, self.scale_jitter)
-        return DetectionDataset(annotations, train=True, transform=transform)
+        return DetectionDataset(annotations, train=True, transform=transform, category_ids=self.category_id_table())
 
     def eval_dataset(self, split: str) -> DetectionDataset:
-        return DetectionDataset(self.annotations(split), train=False)
+        return DetectionDataset(self.annotations(split), train=False, category_ids=self.category_id_table())
+
+    def category_id_table(self) -> tuple[int, ...] | None:
+        """Label -> the dataset's category id (None: labels are the ids)."""
+        return None if self.label_space is None else self.label_space.category_ids
 
     def setup(self, stage: str | None = None) -> None:
         if stage in ("fit", None):

@@ -16,6 +16,7 @@ from PIL import Image
 from torch.utils.data import Sampler
 
 from resnet_tasks.errors import UserError
+from resnet_tasks.labels import LabelSpace
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 
@@ -31,7 +32,7 @@ def read_image(path: str | Path) -> np.ndarray:
     """Read an image file as an HxWx3 uint8 RGB array; a missing, corrupt or truncated file raises an error.
 
     OpenCV decodes JPEGs with libjpeg-turbo and gives the same pixels as PIL and torchvision.io at a lower
-    cost (see `benchmarks/decode.py`); PIL is the fallback for formats OpenCV rejects. OpenCV silently
+    cost (see the decode benchmark in the README); PIL is the fallback for formats OpenCV rejects. OpenCV silently
     decodes a truncated JPEG with a grey bottom, so the end-of-image marker is checked first.
     """
     path = Path(path)
@@ -59,31 +60,24 @@ def read_image(path: str | Path) -> np.ndarray:
     return cv2.cvtColor(data, cv2.COLOR_BGR2RGB)
 
 
-def read_mask(path: str | Path) -> np.ndarray:
-    """Read a label PNG as an HxW uint8 array of class indices (palette indices, never converted to colour)."""
-    path = Path(path)
-    try:
-        with Image.open(path) as mask:
-            if mask.mode not in ("P", "L"):
-                raise UserError(
-                    f"Mask {path} has mode {mask.mode!r}; expected a palette ('P') or grayscale ('L') PNG "
-                    "whose pixel values are class indices (255 = ignore)."
-                )
-            return np.asarray(mask, dtype=np.uint8).copy()
-    except UserError:
-        raise
-    except Exception as error:
-        raise UserError(f"Corrupt or unreadable mask {path} ({type(error).__name__}: {error}).") from None
-
-
 def list_images(folder: str | Path) -> list[Path]:
-    """All image files directly inside `folder`, sorted; UserError when the folder is missing or empty."""
+    """All image files directly inside `folder`, sorted; UserError when the folder is missing or empty, or when
+    two files share a stem."""
     folder = Path(folder)
     if not folder.is_dir():
         raise UserError(f"Image folder {folder} does not exist. Point --data.predict_path at a folder of images.")
     files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
     if not files:
         raise UserError(f"No images ({', '.join(IMAGE_EXTENSIONS)}) found in {folder}.")
+    # Predictions are keyed by file stem (masks/<stem>.png, image_id): two files with one stem would overwrite.
+    by_stem: dict[str, Path] = {}
+    for path in files:
+        if path.stem in by_stem:
+            raise UserError(
+                f"{by_stem[path.stem]} and {path} share the stem {path.stem!r}; predictions are keyed by file stem, "
+                "so one would overwrite the other. Rename or move one of them."
+            )
+        by_stem[path.stem] = path
     return files
 
 
@@ -224,13 +218,16 @@ def default_num_workers() -> int:
 class BaseDataModule(L.LightningDataModule):
     """Fields and loader plumbing shared by the classification, detection and segmentation data modules.
 
-    Subclasses set `num_classes` and `class_names` in `__init__` (the CLI links `data.num_classes` to
-    `model.num_classes` right after instantiation) and implement the `*_dataset()` builders.
+    Subclasses set `label_space` in `__init__` (the CLI links `data.label_space` to `model.label_space` right
+    after instantiation; None when only a folder of images is predicted: the model's weights then decide).
     """
 
-    num_classes: int | None = None
-    class_names: list[str]
-    label_to_category_id: list[int] | None = None
+    label_space: LabelSpace | None = None
+
+    @property
+    def num_classes(self) -> int | None:
+        """The number of classes of the data's label space (background included where it has one)."""
+        return None if self.label_space is None else self.label_space.num_classes
 
     def __init__(
         self,
@@ -251,7 +248,6 @@ class BaseDataModule(L.LightningDataModule):
         self.predict_path = predict_path
         self.pin_memory = pin_memory
         self.seed = seed
-        self.class_names = []
         self._resume: dict[str, int] | None = None
         # Training skips unreadable images; a share above this fails the epoch (a metric over a different
         # image set would be a wrong number, and so would a model trained on a silently shrunk dataset).
@@ -260,15 +256,22 @@ class BaseDataModule(L.LightningDataModule):
         self.seen_in_epoch = 0
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        skipped: list[str] = []
         if isinstance(batch, SkippedBatch):
-            self.skipped.extend(batch.skipped)
-            batch = batch.batch
+            skipped, batch = batch.skipped, batch.batch
+            self.skipped.extend(skipped)
+        if self.trainer is not None and self.trainer.training:
+            # Every training batch asks for batch_size items (drop_last, or full aspect-ratio groups).
+            self.seen_in_epoch += self.batch_size - len(skipped)
         return batch
 
-    def take_skip_report(self, seen: int) -> str | None:
-        """A one-line report of the images skipped since the last call (None when none); UserError above
-        `max_skipped_fraction` of `seen` items."""
+    def take_skip_report(self) -> str | None:
+        """A one-line report of the training images skipped since the last call (None when none).
+
+        UserError when they exceed `max_skipped_fraction` of the images the epoch asked for.
+        """
         skipped, self.skipped = self.skipped, []
+        seen, self.seen_in_epoch = self.seen_in_epoch, 0
         if not skipped:
             return None
         fraction = len(skipped) / max(1, seen + len(skipped))

@@ -21,7 +21,9 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as mask_utils
 
+from resnet_tasks.data.masks import VOC_PALETTE
 from resnet_tasks.errors import UserError
+from resnet_tasks.labels import IGNORE_INDEX
 
 # Order is fixed: segmentation index k+1 and the ImageFolder index k (alphabetical order, which this is) both
 # follow it.
@@ -31,7 +33,6 @@ COCO_CATEGORY_IDS: dict[str, int] = {"circle": 1, "square": 3, "triangle": 7}
 # Bump whenever the generator's output changes: ensure_shapes then regenerates stale copies.
 SHAPES_VERSION = 2
 MANIFEST_NAME = "shapes.json"
-VOC_IGNORE_INDEX = 255
 JPEG_QUALITY = 90
 DEFAULT_PARAMS: dict[str, int] = {"num_train": 800, "num_val": 200, "image_size": 128, "seed": 0}
 SHAPES_DIR_ENV = "RESNET_TASKS_SHAPES_DIR"
@@ -44,22 +45,6 @@ _CROP_CONTEXT = 1.3  # ImageFolder crop side = 1.3x the largest object's longer 
 _SPLIT_CODES = {"train": 1, "val": 2}
 
 
-def voc_palette() -> list[int]:
-    """The standard PASCAL VOC colour map (256 RGB entries, 768 ints) built by the usual bit interleaving."""
-    palette: list[int] = []
-    for index in range(256):
-        red = green = blue = 0
-        code = index
-        for bit in range(8):
-            red |= ((code >> 0) & 1) << (7 - bit)
-            green |= ((code >> 1) & 1) << (7 - bit)
-            blue |= ((code >> 2) & 1) << (7 - bit)
-            code >>= 3
-        palette.extend((red, green, blue))
-    return palette
-
-
-VOC_PALETTE: list[int] = voc_palette()
 
 
 @dataclass
@@ -279,7 +264,7 @@ def segmentation_mask(scene: Scene) -> np.ndarray:
         height, width = size
         windows = [padded[dy : dy + height, dx : dx + width] for dy in range(3) for dx in range(3)]
         stacked = np.stack(windows)
-        classes[stacked.max(axis=0) != stacked.min(axis=0)] = VOC_IGNORE_INDEX
+        classes[stacked.max(axis=0) != stacked.min(axis=0)] = IGNORE_INDEX
     return classes
 
 

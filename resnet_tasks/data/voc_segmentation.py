@@ -23,13 +23,13 @@ from resnet_tasks.data.common import (
     EvalShardSampler,
     list_images,
     read_image,
-    read_mask,
     stems_from_list,
 )
+from resnet_tasks.data.masks import read_mask
 from resnet_tasks.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from resnet_tasks.errors import UserError
+from resnet_tasks.labels import BACKGROUND, IGNORE_INDEX, LabelSpace
 
-IGNORE_INDEX = 255
 VOC_SEGMENTATION_CLASSES: tuple[str, ...] = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
     "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train", "tvmonitor",
@@ -326,13 +326,9 @@ class VOCSegmentationDataModule(BaseDataModule):
         names = list(class_names) if class_names else list(VOC_SEGMENTATION_CLASSES)
         if len(names) > IGNORE_INDEX:
             raise UserError(f"--data.class_names has {len(names)} names; at most {IGNORE_INDEX} fit a PNG mask.")
-        if predict_path is not None and root is None:
-            # A folder of images: the label space is the model's (its weights or checkpoint).
-            self.num_classes = None
-            self.class_names = []
-        else:
-            self.class_names = names
-            self.num_classes = len(names)
+        if predict_path is None or root is not None:
+            # (Predicting on a folder of images alone, the label space is the model's: its weights or checkpoint.)
+            self.label_space = LabelSpace(tuple(names), background=names[0] == BACKGROUND, ignore_index=IGNORE_INDEX)
         self.datasets: dict[str, Dataset] = {}
 
     # ------------------------------------------------------------------ layout
@@ -507,7 +503,7 @@ class ShapesSegmentationDataModule(VOCSegmentationDataModule):
             scale_range=scale_range,
             hflip=hflip,
             eval_size=eval_size,
-            class_names=["background", *SHAPE_CLASSES],
+            class_names=[BACKGROUND, *SHAPE_CLASSES],
             pin_memory=pin_memory,
             seed=seed,
             max_skipped_fraction=max_skipped_fraction,

@@ -1,176 +1,85 @@
-"""The LightningModule base all three tasks share: backbone from config, pretrained weights, optimisation."""
+"""The LightningModule base of the three tasks: label space, backbone and weights, the guarded training step."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
-import random
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from pathlib import Path
+from typing import Any, ClassVar
 
 import lightning as L
-import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from resnet_tasks.backbones import build_backbone, load_state_dict_into, load_weights_spec
+from resnet_tasks.backbones import (
+    BackboneConfig,
+    compare_state_dict,
+    is_torchvision_weights_name,
+    label_space_of,
+    load_backbone_weights,
+    load_state_dict_into,
+    load_weights_spec,
+    strip_wrapper_prefixes,
+)
+from resnet_tasks.callbacks import RNGState, SkipReport
 from resnet_tasks.errors import UserError
+from resnet_tasks.labels import LabelSpace, upgrade_hyperparameters
+from resnet_tasks.tasks.optim import (
+    OptimizerConfig,
+    SchedulerConfig,
+    as_config,
+    build_optimizer,
+    build_scheduler,
+    parameter_groups,
+)
 
+# Our entry in every checkpoint: which task wrote it (the label space is in the hyper-parameters).
 CHECKPOINT_KEY = "resnet_tasks"
-RNG_KEY = "resnet_tasks_rng"
 
 
-def _numpy_rng_state() -> dict[str, Any]:
-    """numpy's global RNG state in types `torch.load(weights_only=True)` accepts."""
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    return {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-            "has_gauss": int(has_gauss), "gauss": float(gauss)}  # fmt: skip
-
-
-def _set_numpy_rng_state(state: dict[str, Any]) -> None:
-    keys = state["keys"].numpy().astype(np.uint32)
-    np.random.set_state((state["name"], keys, state["pos"], state["has_gauss"], state["gauss"]))
-
-
-def _as_tuple(value: Any) -> Any:
-    """Python's random state comes back from a checkpoint with lists where tuples were."""
-    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
-
-
-@dataclass
-class BackboneConfig:
-    """The `backbone` config group, the same for every task (`--model.backbone.name resnet18`)."""
-
-    name: str = "resnet50"
-    weights: str | None = None
-    frozen_stages: int = 0
-    norm: Literal["bn", "frozen_bn", "sync_bn", "gn"] = "bn"
-    output_stride: int | None = None
-    shortcut: bool | None = None
-    zero_init_residual: bool = False
-
-
-@dataclass
-class OptimizerConfig:
-    """The `optimizer` config group: SGD or AdamW, weight decay rules and the backbone LR multiplier."""
-
-    name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = 0.1
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-4
-    norm_weight_decay: float | None = 0.0
-    backbone_lr_mult: float = 1.0
-    betas: tuple[float, float] = (0.9, 0.999)
-
-
-@dataclass
-class SchedulerConfig:
-    """The `scheduler` config group: linear warmup, then constant / cosine / multistep / poly decay.
-
-    `interval: step` updates the LR every optimizer step (milestones stay in epochs); `warmup_steps`
-    counts scheduler updates (steps or epochs, following `interval`).
-    """
-
-    name: Literal["constant", "cosine", "multistep", "poly"] = "cosine"
-    interval: Literal["step", "epoch"] = "step"
-    warmup_steps: int = 0
-    warmup_factor: float = 0.001
-    milestones: list[int] = field(default_factory=list)
-    gamma: float = 0.1
-    power: float = 0.9
-    min_lr: float = 0.0
-
-
-def _no_weights(spec: str | None) -> bool:
+def no_weights(spec: str | None) -> bool:
     """True for an unset weights spec (jsonargparse may hand `null` on the command line over as "None")."""
     return spec is None or str(spec).strip().lower() in ("", "none", "null")
 
 
-def _as_config(value: Any, cls: type) -> Any:
-    """Accept a dataclass instance, a dict (from a checkpoint's hyper-parameters) or None (the defaults)."""
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, dict):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise UserError(f"Unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(known)}.")
-        return cls(**value)
-    if dataclasses.is_dataclass(value):
-        return cls(**dataclasses.asdict(value))
-    raise UserError(f"Expected a mapping for {cls.__name__}, got {value!r}.")
-
-
-class ScheduleFactor:
-    """LR multiplier as a function of the scheduler step: linear warmup, then the main decay.
-
-    A callable object (not a closure) so LambdaLR can save and restore it in checkpoints.
-    """
-
-    def __init__(self, config: SchedulerConfig, total_steps: int, steps_per_epoch: float, base_lr: float) -> None:
-        self.name = config.name
-        self.warmup_steps = config.warmup_steps
-        self.warmup_factor = config.warmup_factor
-        self.milestones = [round(m * steps_per_epoch) for m in config.milestones]
-        self.gamma = config.gamma
-        self.power = config.power
-        self.min_factor = config.min_lr / base_lr if base_lr > 0 else 0.0
-        self.total_steps = max(1, total_steps)
-
-    def __call__(self, step: int) -> float:
-        factor = 1.0
-        if step < self.warmup_steps:
-            alpha = step / self.warmup_steps
-            factor = self.warmup_factor * (1 - alpha) + alpha
-        progress = min(1.0, step / self.total_steps)
-        if self.name == "cosine":
-            decay = self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
-        elif self.name == "poly":
-            decay = self.min_factor + (1 - self.min_factor) * (1 - progress) ** self.power
-        elif self.name == "multistep":
-            decay = self.gamma ** sum(step >= m for m in self.milestones)
-        else:
-            decay = 1.0
-        return factor * decay
-
-
-def _is_no_decay(module: nn.Module, param_name: str) -> bool:
-    """Normalisation parameters and biases: the ones the references exclude from weight decay."""
-    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
-    return isinstance(module, norm_types) or param_name == "bias"
-
-
 class TaskBase(L.LightningModule):
-    """Backbone construction, pretrained weights, class names, optimiser and schedule for every task."""
+    """What every task shares: the label space, backbone settings, weights, the training step and optimisation.
+
+    A subclass states its `task_name`, `main_metric`, the classifier key its whole-model weights carry
+    (`head_key`), whether its label space always has a background class (`background`), its prediction
+    writer (`writer_class`, a Lightning callback), and builds its network in `__init__`.
+    """
 
     task_name: ClassVar[str] = ""
     main_metric: ClassVar[str] = ""
-    default_backbone_options: ClassVar[dict[str, Any]] = {}
+    head_key: ClassVar[str] = ""
+    background: ClassVar[bool] = False
+    # Whole-model weights for another label space: a task that maps outputs to the dataset's category ids
+    # (detection) can still be evaluated; the others stop with an error.
+    evaluates_across_label_spaces: ClassVar[bool] = False
+    writer_class: ClassVar[type] = type(None)
     # Consecutive optimizer steps with a non-finite loss tolerated before training stops.
     max_consecutive_bad_steps: ClassVar[int] = 10
 
     def __init__(
         self,
         num_classes: int | None = None,
+        label_space: LabelSpace | None = None,
         backbone: BackboneConfig | None = None,
         optimizer: OptimizerConfig | None = None,
         scheduler: SchedulerConfig | None = None,
         weights: str | None = None,
     ) -> None:
         super().__init__()
-        self.backbone_config: BackboneConfig = _as_config(backbone, BackboneConfig)
-        if _no_weights(self.backbone_config.weights):
+        self.backbone_config: BackboneConfig = as_config(backbone, BackboneConfig)
+        if no_weights(self.backbone_config.weights):
             self.backbone_config.weights = None
-        weights = None if _no_weights(weights) else weights
-        self.optimizer_config: OptimizerConfig = _as_config(optimizer, OptimizerConfig)
-        self.scheduler_config: SchedulerConfig = _as_config(scheduler, SchedulerConfig)
-        self.weights = weights
-        self.num_classes = num_classes
-        self.class_names: list[str] = []
-        self.label_to_category_id: list[int] | None = None
+        self.optimizer_config: OptimizerConfig = as_config(optimizer, OptimizerConfig)
+        self.scheduler_config: SchedulerConfig = as_config(scheduler, SchedulerConfig)
+        self.weights = None if no_weights(weights) else str(weights)
+        self.label_space: LabelSpace = self.resolve_label_space(num_classes, LabelSpace.coerce(label_space))
+        self.num_classes = self.label_space.num_classes
         # Set by the CLI when a run resumes from --ckpt_path: the checkpoint supersedes pretrained weights.
         self.skip_pretrained_weights = False
         self._pretrained_loaded = False
@@ -178,45 +87,100 @@ class TaskBase(L.LightningModule):
         self._bad_steps = 0
         self._skip_optimizer_step = False
 
-    # ----------------------------------------------------------------- hyper-parameters
-    def save_task_hyperparameters(self, **extra_ignore: Any) -> None:
-        """Save the subclass's init arguments, with the config groups stored as plain dicts.
+    # ----------------------------------------------------------------- label space
+    def label_space_for_count(self, count: int) -> LabelSpace:
+        """The label space of whole-model weights that only tell their output count (a `.pth`)."""
+        return LabelSpace.anonymous(count, background=self.background)
 
-        Plain dicts keep checkpoints loadable with `torch.load(weights_only=True)`.
+    def resolve_label_space(self, num_classes: int | None, data: LabelSpace | None) -> LabelSpace:
+        """The model's label space: whole-model weights fix it; else the data's (the CLI link); else `num_classes`."""
+        if data is not None and self.background and not data.background:
+            raise UserError(f"The {self.task_name} task needs a label space with a background class at 0.")
+        found = self._label_space_of_weights(known=data is not None or num_classes is not None)
+        if isinstance(found, int):
+            found = data if data is not None and data.num_classes == found else self.label_space_for_count(found)
+        if found is not None:
+            count = data.num_classes if data is not None else num_classes
+            if count is not None and count != found.num_classes:
+                message = f"--model.weights {self.weights} predict {found.num_classes} classes but the data has "
+                message += f"{count}."
+                if not self.evaluates_across_label_spaces:
+                    raise UserError(
+                        f"{message} To fine-tune on these classes, reuse only its backbone: --model.backbone.weights "
+                        f"{self.weights} (and leave --model.weights unset)."
+                    )
+                rank_zero_warn(
+                    f"{message} The model keeps the weights' label space: its predictions carry the weights' "
+                    "category ids, and evaluation compares them with the data's."
+                )
+            return found
+        if data is not None:
+            if num_classes is not None and num_classes != data.num_classes:
+                shown = ", ".join(data.class_names[:5]) + (", ..." if data.num_classes > 5 else "")
+                raise UserError(
+                    f"The model is set up for {num_classes} classes (--model.num_classes, or the hyper-parameters of "
+                    f"the checkpoint given to --ckpt_path) but the data has {data.num_classes} ({shown}). Use a "
+                    "checkpoint trained on these classes (or reuse only its backbone with --model.backbone.weights), "
+                    "or leave --model.num_classes unset: it follows the data."
+                )
+            return data
+        if num_classes is not None:
+            return LabelSpace.anonymous(num_classes, background=self.background)
+        raise UserError(
+            f"{type(self).__name__} needs its classes: they follow the data (--data.root), come from whole-model "
+            "weights (--model.weights file.ckpt|file.pth|a torchvision weights name), or --model.num_classes N "
+            "(the number of classes, background included where the task has one)."
+        )
+
+    def _label_space_of_weights(self, known: bool) -> LabelSpace | int | None:
+        if self.weights is None:
+            return None
+        if known and not is_torchvision_weights_name(self.weights) and not Path(self.weights).expanduser().exists():
+            # Restored from hyper-parameters whose weights file is gone: the classes are known, and a missing file
+            # is still reported when the weights are actually needed (load_pretrained).
+            return None
+        return label_space_of(self.weights, self.head_key, self.task_name)
+
+    # ----------------------------------------------------------------- hyper-parameters
+    def save_task_hyperparameters(self) -> None:
+        """Save the init arguments with the config groups and the resolved label space as plain dicts.
+
+        Plain types keep checkpoints loadable with `torch.load(weights_only=True)`; the resolved label space
+        lets `load_from_checkpoint` rebuild the same heads without the weights file or the data.
         """
-        self.save_hyperparameters(ignore=list(extra_ignore))
-        for key, config in (
-            ("backbone", self.backbone_config),
-            ("optimizer", self.optimizer_config),
-            ("scheduler", self.scheduler_config),
-        ):
-            self.hparams[key] = dataclasses.asdict(config)
-            self._hparams_initial[key] = dataclasses.asdict(config)
-        self.hparams["optimizer"]["betas"] = list(self.optimizer_config.betas)
-        self._hparams_initial["optimizer"]["betas"] = list(self.optimizer_config.betas)
+        self.save_hyperparameters()
+        betas = list(self.optimizer_config.betas)
+        resolved = {
+            "num_classes": self.num_classes,
+            "label_space": self.label_space.to_dict(),
+            "backbone": dataclasses.asdict(self.backbone_config),
+            "optimizer": {**dataclasses.asdict(self.optimizer_config), "betas": betas},
+            "scheduler": dataclasses.asdict(self.scheduler_config),
+        }
+        for store in (self.hparams, self._hparams_initial):
+            store.update(resolved)
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
+        """Lightning's `load_from_checkpoint`, also for checkpoints written before the label space existed."""
+        try:
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:  # not a local zip file: Lightning's own loading reports what is wrong
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        hparams = checkpoint.get("hyper_parameters") or {}
+        upgraded = upgrade_hyperparameters(cls.task_name, hparams, checkpoint.get(CHECKPOINT_KEY) or {})
+        # Keys the upgrade retired (segmentation's ignore_index) are dropped by Lightning: __init__ lacks them.
+        changed = {key: value for key, value in upgraded.items() if hparams.get(key) != value}
+        return super().load_from_checkpoint(checkpoint_path, *args, **{**changed, **kwargs})
 
     # ----------------------------------------------------------------- backbone and weights
-    def build_backbone(self, **task_defaults: Any) -> nn.Module:
-        """The shared backbone from the `backbone` group; the task's defaults fill unset options.
-
-        Backbone weights are loaded later, in `setup`, unless a checkpoint supersedes them.
-        """
-        cfg = self.backbone_config
-        options: dict[str, Any] = dict(task_defaults)
-        options.update(frozen_stages=cfg.frozen_stages, norm=cfg.norm, zero_init_residual=cfg.zero_init_residual)
-        if cfg.output_stride is not None:
-            options["output_stride"] = cfg.output_stride
-        if cfg.shortcut is not None:
-            options["shortcut"] = cfg.shortcut
-        return build_backbone(cfg.name, None, **options)
-
     def backbone_module(self) -> nn.Module:
         """The backbone inside this task (for the LR multiplier and backbone-only weights)."""
         raise NotImplementedError(f"{type(self).__name__} must implement backbone_module()")
 
-    def load_model_weights(self, state_dict: dict[str, torch.Tensor], meta: dict[str, Any], source: str) -> None:
-        """Load whole-model weights (backbone + neck + head); each task maps its own key layout."""
-        raise NotImplementedError(f"{type(self).__name__} must implement load_model_weights()")
+    def model_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Whole-model weights in any layout we read (torchvision's, our .ckpt) with this module's key names."""
+        raise NotImplementedError(f"{type(self).__name__} must implement model_state_dict()")
 
     def load_pretrained(self) -> None:
         """Load `weights` (whole model) or else `backbone.weights` (backbone only), once."""
@@ -224,83 +188,48 @@ class TaskBase(L.LightningModule):
             return
         self._pretrained_loaded = True
         if self.weights:
-            state_dict, meta = load_weights_spec(self.weights)
-            self.load_model_weights(state_dict, meta, self.weights)
+            state_dict, _ = load_weights_spec(self.weights)
+            own_keys = self.model_state_dict(strip_wrapper_prefixes(state_dict))
+            load_state_dict_into(self, own_keys, source=self.weights, what=f"{self.task_name} model")
         elif self.backbone_config.weights:
-            from resnet_tasks.backbones import extract_backbone_state_dict
-
-            state_dict, _ = load_weights_spec(self.backbone_config.weights)
-            backbone = self.backbone_module()
-            part = extract_backbone_state_dict(state_dict, backbone)
-            load_state_dict_into(backbone, part, source=self.backbone_config.weights, what="backbone")
+            load_backbone_weights(self.backbone_module(), self.backbone_config.weights)
 
     def setup(self, stage: str) -> None:
         self.load_pretrained()
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None and not self.class_names:
-            self.class_names = list(getattr(datamodule, "class_names", []) or [])
-            mapping = getattr(datamodule, "label_to_category_id", None)
-            self.label_to_category_id = list(mapping) if mapping is not None else None
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """RNG streams in checkpoints (exact resume) and the per-epoch report of skipped images."""
+        return [RNGState(), SkipReport()]
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {
-            "task": self.task_name,
-            "class_names": list(self.class_names),
-            "label_to_category_id": self.label_to_category_id,
-        }
-        # Global RNG streams (dropout, mixup/cutmix draws) so a resumed run continues them exactly.
-        checkpoint[RNG_KEY] = {
-            "torch": torch.get_rng_state(),
-            "numpy": _numpy_rng_state(),
-            "python": random.getstate(),
-        }
+        checkpoint[CHECKPOINT_KEY] = {"task": self.task_name}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        info = checkpoint.get(CHECKPOINT_KEY, {})
-        task = info.get("task")
+        task = (checkpoint.get(CHECKPOINT_KEY) or {}).get("task")
         if task and task != self.task_name:
             raise UserError(
                 f"This checkpoint was written by the {task} task; load it with its own task class, or use it "
                 f"as backbone weights (--model.backbone.weights) for {self.task_name}."
             )
-        self._check_checkpoint_fits(checkpoint)
-        self.class_names = list(info.get("class_names") or [])
-        self.label_to_category_id = info.get("label_to_category_id")
+        report, _ = compare_state_dict(self, checkpoint.get("state_dict") or {}, source="checkpoint")
+        if not report.ok or report.unexpected:
+            hparams = checkpoint.get("hyper_parameters") or {}
+            trained = (hparams.get("backbone") or {}).get("name")
+            counts = report.counts()
+            parts = [f"{counts['matched']}/{len(self.state_dict())} model keys match"]
+            if report.missing:
+                parts.append(f"{counts['missing']} missing (e.g. {', '.join(report.missing[:3])})")
+            if report.unexpected:
+                parts.append(f"{counts['unexpected']} unexpected (e.g. {', '.join(report.unexpected[:3])})")
+            if report.shape_mismatched:
+                shown = [f"{k}: checkpoint {a} vs model {b}" for k, a, b in report.shape_mismatched[:2]]
+                parts.append(f"{counts['shape_mismatched']} with other shapes (e.g. {'; '.join(shown)})")
+            raise UserError(
+                f"The checkpoint does not fit this {self.task_name} model: {'; '.join(parts)}. It was trained with "
+                f"--model.backbone.name {trained} and num_classes {hparams.get('num_classes')}; use the same values "
+                "(num_classes follows the data), or reuse only its backbone with --model.backbone.weights."
+            )
         self._restored_from_checkpoint = True
-        rng = checkpoint.get(RNG_KEY)
-        if rng and self._trainer is not None and self.trainer.state.fn == "fit":
-            torch.set_rng_state(rng["torch"])
-            _set_numpy_rng_state(rng["numpy"])
-            random.setstate(_as_tuple(rng["python"]))
-
-    def _check_checkpoint_fits(self, checkpoint: dict[str, Any]) -> None:
-        """UserError with a key-match summary when a checkpoint's weights do not fit this model."""
-        saved = checkpoint.get("state_dict") or {}
-        own = self.state_dict()
-        missing = [k for k in own if k not in saved]
-        unexpected = [k for k in saved if k not in own]
-        mismatched = [
-            f"{k}: checkpoint {tuple(saved[k].shape)} vs model {tuple(own[k].shape)}"
-            for k in own
-            if k in saved and hasattr(saved[k], "shape") and tuple(saved[k].shape) != tuple(own[k].shape)
-        ]
-        if not (missing or unexpected or mismatched):
-            return
-        hparams = checkpoint.get("hyper_parameters") or {}
-        trained = (hparams.get("backbone") or {}).get("name")
-        parts = [f"{len(own) - len(missing) - len(mismatched)}/{len(own)} model keys match"]
-        if missing:
-            parts.append(f"{len(missing)} missing (e.g. {', '.join(missing[:3])})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:3])})")
-        if mismatched:
-            parts.append(f"{len(mismatched)} with other shapes (e.g. {'; '.join(mismatched[:2])})")
-        hint = (
-            f"It was trained with --model.backbone.name {trained} and num_classes {hparams.get('num_classes')}; "
-            "use the same values (num_classes follows the data), or reuse only its backbone with "
-            "--model.backbone.weights."
-        )
-        raise UserError(f"The checkpoint does not fit this {self.task_name} model: {'; '.join(parts)}. {hint}")
 
     # ----------------------------------------------------------------- training step plumbing
     def training_losses(self, batch: Any) -> dict[str, torch.Tensor]:
@@ -310,16 +239,6 @@ class TaskBase(L.LightningModule):
     def batch_size_of(self, batch: Any) -> int:
         """Number of images in `batch` (for logging averages)."""
         raise NotImplementedError(f"{type(self).__name__} must implement batch_size_of()")
-
-    def on_train_epoch_start(self) -> None:
-        self._seen_in_epoch = 0
-
-    def on_train_epoch_end(self) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        if datamodule is not None and hasattr(datamodule, "take_skip_report"):
-            report = datamodule.take_skip_report(getattr(self, "_seen_in_epoch", 0))
-            if report:
-                self.print(report)
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
         losses = self.training_losses(batch) if batch is not None else {}
@@ -340,7 +259,6 @@ class TaskBase(L.LightningModule):
             return sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad), zero)
         self._bad_steps = 0
         size = self.batch_size_of(batch)
-        self._seen_in_epoch = getattr(self, "_seen_in_epoch", 0) + size
         loss = sum(losses.values())
         if len(losses) > 1:
             for name, value in losses.items():
@@ -390,40 +308,10 @@ class TaskBase(L.LightningModule):
     # ----------------------------------------------------------------- optimisation
     def parameter_groups(self) -> list[dict[str, Any]]:
         """Backbone/other x decay/no-decay groups, each with its LR and weight decay."""
-        opt = self.optimizer_config
-        backbone_ids = {id(p) for p in self.backbone_module().parameters()}
-        norm_wd = opt.weight_decay if opt.norm_weight_decay is None else opt.norm_weight_decay
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        seen: set[int] = set()
-        for module in self.modules():
-            for name, param in module.named_parameters(recurse=False):
-                if not param.requires_grad or id(param) in seen:
-                    continue
-                seen.add(id(param))
-                key = (id(param) in backbone_ids, _is_no_decay(module, name))
-                groups.setdefault(key, []).append(param)
-        result = []
-        for (in_backbone, no_decay), params in sorted(groups.items()):
-            result.append(
-                {
-                    "params": params,
-                    "lr": opt.lr * (opt.backbone_lr_mult if in_backbone else 1.0),
-                    "weight_decay": norm_wd if no_decay else opt.weight_decay,
-                    "name": f"{'backbone' if in_backbone else 'head'}{'/no_decay' if no_decay else ''}",
-                }
-            )
-        return result
+        return parameter_groups(self, self.backbone_module(), self.optimizer_config)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        opt = self.optimizer_config
-        groups = self.parameter_groups()
-        if opt.name == "sgd":
-            optimizer: torch.optim.Optimizer = torch.optim.SGD(
-                groups, lr=opt.lr, momentum=opt.momentum, nesterov=opt.nesterov, weight_decay=opt.weight_decay
-            )
-        else:
-            optimizer = torch.optim.AdamW(groups, lr=opt.lr, betas=tuple(opt.betas), weight_decay=opt.weight_decay)
-        sched = self.scheduler_config
+        optimizer = build_optimizer(self.parameter_groups(), self.optimizer_config)
         total_steps = int(self.trainer.estimated_stepping_batches)  # also sets up the train dataloader
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         batches = self.trainer.num_training_batches
@@ -431,10 +319,7 @@ class TaskBase(L.LightningModule):
             steps_per_epoch = max(1.0, batches / self.trainer.accumulate_grad_batches)
         else:
             steps_per_epoch = total_steps / max_epochs
-        if sched.interval == "epoch":
-            total, per_epoch = max_epochs, 1.0
-        else:
-            total, per_epoch = total_steps, steps_per_epoch
-        factor = ScheduleFactor(sched, total, per_epoch, opt.lr)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": sched.interval}}
+        scheduler = build_scheduler(
+            optimizer, self.scheduler_config, self.optimizer_config.lr, total_steps, steps_per_epoch, max_epochs
+        )
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -11,10 +11,11 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
-from resnet_tasks.backbones import load_state_dict_into
-from resnet_tasks.errors import UserError
-from resnet_tasks.tasks.base import BackboneConfig, OptimizerConfig, SchedulerConfig, TaskBase
-from resnet_tasks.tasks.label_space import label_space_of_weights
+from resnet_tasks.backbones import BackboneConfig
+from resnet_tasks.labels import LabelSpace
+from resnet_tasks.tasks.base import TaskBase
+from resnet_tasks.tasks.optim import OptimizerConfig, SchedulerConfig
+from resnet_tasks.writers.classification import ClassificationWriter
 
 
 class ClassificationTask(TaskBase):
@@ -24,12 +25,15 @@ class ClassificationTask(TaskBase):
     label space; `backbone.weights` reuses only the backbone and trains a new head for the data's classes.
     """
 
-    task_name = "classification"
-    main_metric = "val/top1"
+    task_name: ClassVar[str] = "classification"
+    main_metric: ClassVar[str] = "val/top1"
+    head_key: ClassVar[str] = "fc.weight"
+    writer_class: ClassVar[type] = ClassificationWriter
 
     def __init__(
         self,
         num_classes: int | None = None,
+        label_space: LabelSpace | None = None,
         backbone: BackboneConfig = BackboneConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(),
         scheduler: SchedulerConfig = SchedulerConfig(),
@@ -40,28 +44,12 @@ class ClassificationTask(TaskBase):
         dropout: float = 0.0,
         channels_last: bool = False,
     ) -> None:
-        label_space = label_space_of_weights(weights, head_key="fc.weight") if weights else None
-        if label_space is not None:
-            weight_classes, weight_names = label_space
-            if num_classes is not None and num_classes != weight_classes:
-                raise UserError(
-                    f"--model.weights {weights} is a whole classifier for {weight_classes} classes but the data "
-                    f"has {num_classes}. To fine-tune on these classes, reuse only its backbone: "
-                    f"--model.backbone.weights {weights} (and leave --model.weights unset)."
-                )
-            num_classes = weight_classes
-        if num_classes is None:
-            raise UserError(
-                "ClassificationTask needs num_classes: give --data.root (the data announces it), "
-                "--model.num_classes N, or whole-model --model.weights."
-            )
-        super().__init__(num_classes, backbone, optimizer, scheduler, weights)
+        super().__init__(num_classes, label_space, backbone, optimizer, scheduler, weights)
         self.save_task_hyperparameters()
-        if label_space is not None:
-            self.class_names = list(label_space[1])
+        num_classes = self.num_classes
         self.label_smoothing = label_smoothing
         self.channels_last = channels_last
-        self.backbone = self.build_backbone()
+        self.backbone = self.backbone_config.build()
         features = list(self.backbone.channels.values())[-1]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.fc = nn.Linear(features, num_classes)
@@ -104,12 +92,11 @@ class ClassificationTask(TaskBase):
         pooled = torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)
         return self.fc(self.dropout(pooled))
 
-    def load_model_weights(self, state_dict: dict[str, torch.Tensor], meta: dict[str, Any], source: str) -> None:
+    def model_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """torchvision's classifier layout (conv1.*, layer*.*, fc.*) or our .ckpt (backbone.*, fc.*)."""
         if not any(k.startswith("backbone.") for k in state_dict):
-            # torchvision layout: conv1.*, layer*.*, fc.* -> ours: backbone.*, fc.*
             state_dict = {(k if k.startswith("fc.") else f"backbone.{k}"): v for k, v in state_dict.items()}
-        model_keys = {k for k in state_dict if k.startswith(("backbone.", "fc."))}
-        load_state_dict_into(self, {k: state_dict[k] for k in model_keys}, source=source, what="classifier")
+        return {k: v for k, v in state_dict.items() if k.startswith(("backbone.", "fc."))}
 
     # ------------------------------------------------------------------ steps
     def batch_size_of(self, batch: dict[str, Any]) -> int:
@@ -150,7 +137,3 @@ class ClassificationTask(TaskBase):
             "probs": top.values.cpu(),
             "indices": top.indices.cpu(),
         }
-
-    def class_name(self, index: int) -> str:
-        """Human-readable name of class `index` (the index itself when names are unknown)."""
-        return self.class_names[index] if index < len(self.class_names) else str(index)

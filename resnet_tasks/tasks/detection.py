@@ -7,26 +7,25 @@ The module layout (`model.backbone.body`, `model.backbone.fpn`, `model.rpn`, `mo
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections import OrderedDict
-from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from resnet_tasks.backbones import load_state_dict_into
+from resnet_tasks.backbones import BackboneConfig
 from resnet_tasks.errors import UserError
 from resnet_tasks.evaluation.detection import COCO_METRIC_NAMES, VOCDetectionAP, coco_map_metric
-from resnet_tasks.tasks.base import BackboneConfig, OptimizerConfig, SchedulerConfig, TaskBase
+from resnet_tasks.labels import LabelSpace
+from resnet_tasks.tasks.base import TaskBase
+from resnet_tasks.tasks.optim import OptimizerConfig, SchedulerConfig
+from resnet_tasks.writers.detection import DetectionWriter
 
 CLASSIFIER_KEY = "roi_heads.box_predictor.cls_score.weight"
-ENUM_PATTERN = re.compile(r"^[A-Za-z][A-Za-z0-9_]*_Weights\.[A-Za-z][A-Za-z0-9_]*$")
 # torchvision builds this model with FrozenBatchNorm2d eps=0 ("overwrite_eps"): its numbers need the same.
 ZERO_EPS_WEIGHTS = ("FasterRCNN_ResNet50_FPN_Weights.COCO_V1",)
 DEFAULT_ANCHOR_SIZES: tuple[tuple[int, ...], ...] = ((32,), (64,), (128,), (256,), (512,))
@@ -62,112 +61,77 @@ class BackboneWithFeaturePyramid(nn.Module):
         return self.fpn(features)
 
 
-@dataclasses.dataclass
-class LabelSpace:
-    """What the model's classifier outputs mean: label -> class name / dataset category id (0 = background)."""
+def build_faster_rcnn(
+    body: nn.Module,
+    num_classes: int,
+    *,
+    fpn_channels: int = 256,
+    min_size: int | list[int] = 800,
+    max_size: int = 1333,
+    anchor_sizes: list[list[int]] | None = None,
+    aspect_ratios: list[float] | None = None,
+    frozen_bn_eps: float | None = None,
+    **detection_options: Any,
+) -> FasterRCNN:
+    """torchvision's Faster R-CNN on `body` (our backbone) with a feature pyramid sized from its stage channels.
 
-    num_outputs: int
-    class_names: list[str]
-    label_to_category_id: list[int] | None
-
-
-def _peek_state_dict(path: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Open a .pth/.pt/.ckpt lazily (mmap) to read shapes and our checkpoint info without loading tensors."""
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:
-        # Not a zip archive (mmap needs one) or refused: load_weights_spec will report it properly in setup.
-        from resnet_tasks.backbones import load_weights_spec
-
-        state_dict, meta = load_weights_spec(str(path))
-        return state_dict, meta.get("resnet_tasks", {}) or {}
-    info: dict[str, Any] = {}
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        info = obj.get("resnet_tasks", {}) or {}
-        obj = obj["state_dict"]
-    elif isinstance(obj, dict) and isinstance(obj.get("model"), dict):
-        obj = obj["model"]
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} does not hold a state dict; expected a model.state_dict() or a resnet-tasks .ckpt.")
-    return obj, info
-
-
-def _coco_category_names() -> list[str]:
-    from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
-
-    return list(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"])
-
-
-def label_space_from_weights(weights: str, data_num_classes: int | None) -> LabelSpace:
-    """The label space fixed by whole-model weights, read cheaply (enum metadata, or one tensor's shape).
-
-    - a torchvision enum: its meta "categories" (COCO: 91 outputs, label == COCO category id);
-    - our .ckpt: its class names and label -> category id mapping;
-    - a .pth/.pt: the classifier's row count; when it matches the data, the data's label space, else 91 rows
-      are read as torchvision's COCO layout, anything else as anonymous classes.
+    `num_classes` counts every output, background included (torchvision's convention). One anchor size tuple
+    per pyramid level; `frozen_bn_eps` overrides the FrozenBatchNorm eps (torchvision's COCO weights need 0).
+    `detection_options` are FasterRCNN's own keyword arguments (RPN / box head sampling, NMS, thresholds).
     """
-    path = Path(weights).expanduser()
-    if ENUM_PATTERN.match(weights) and not path.exists():
-        from torchvision.models import get_weight
-
-        try:
-            enum = get_weight(weights)
-        except (ValueError, KeyError, AttributeError):
-            raise UserError(
-                f"Unknown torchvision weights {weights!r}; e.g. FasterRCNN_ResNet50_FPN_Weights.COCO_V1."
-            ) from None
-        categories = list(enum.meta.get("categories") or [])
-        if not categories:
-            raise UserError(f"torchvision weights {weights} carry no category list; they are not detection weights.")
-        return LabelSpace(len(categories), categories, list(range(len(categories))))
-    if not path.is_file():
+    pyramid = BackboneWithFeaturePyramid(body, fpn_channels)
+    levels = len(pyramid.feature_names) + 1
+    sizes = tuple(tuple(int(s) for s in level) for level in (anchor_sizes or DEFAULT_ANCHOR_SIZES))
+    if len(sizes) != levels:
         raise UserError(
-            f"Weights file not found: {path}. Pass a .pth/.pt/.ckpt file or a torchvision weights name such as "
-            "FasterRCNN_ResNet50_FPN_Weights.COCO_V1."
+            f"--model.anchor_sizes needs one entry per pyramid level: {levels} for this backbone "
+            f"({levels - 1} stages + the pooled level), got {len(sizes)}."
         )
-    state_dict, info = _peek_state_dict(path)
-    keys = [key for key in state_dict if key.endswith(CLASSIFIER_KEY)]
-    if not keys:
-        raise UserError(
-            f"{path} has no {CLASSIFIER_KEY!r}: it is not a whole Faster R-CNN model. For backbone-only weights "
-            "use --model.backbone.weights instead of --model.weights."
-        )
-    outputs = int(state_dict[keys[0]].shape[0])
-    names = list(info.get("class_names") or [])
-    if len(names) == outputs:
-        return LabelSpace(outputs, names, info.get("label_to_category_id"))
-    if data_num_classes is not None and data_num_classes + 1 == outputs:
-        return LabelSpace(outputs, [], None)  # the data module's names and ids are filled in at setup
-    if outputs == 91:
-        return LabelSpace(91, _coco_category_names(), list(range(91)))
-    if data_num_classes is not None:
-        raise UserError(
-            f"{path} predicts {outputs - 1} classes but the data has {data_num_classes}. Use "
-            "--model.backbone.weights to take only the backbone, or weights trained on this label space."
-        )
-    return LabelSpace(outputs, ["__background__", *[f"class_{i}" for i in range(1, outputs)]], None)
+    ratios = tuple(float(r) for r in (aspect_ratios or DEFAULT_ASPECT_RATIOS))
+    model = FasterRCNN(
+        pyramid,
+        num_classes=num_classes,
+        min_size=tuple(min_size) if isinstance(min_size, (list, tuple)) else min_size,
+        max_size=max_size,
+        rpn_anchor_generator=AnchorGenerator(sizes, (ratios,) * levels),
+        box_roi_pool=MultiScaleRoIAlign(featmap_names=pyramid.feature_names, output_size=7, sampling_ratio=2),
+        **detection_options,
+    )
+    if frozen_bn_eps is not None:
+        for module in model.modules():
+            if isinstance(module, FrozenBatchNorm2d):
+                module.eps = frozen_bn_eps
+    return model
 
 
 class DetectionTask(TaskBase):
     """Faster R-CNN + FPN on the shared backbone (torchvision's machinery, our backbone and training loop).
 
-    `num_classes` counts object classes (from the data); the classifier has num_classes + 1 outputs with
-    background 0. Whole-model `weights` fix the label space instead (torchvision's COCO weights: 91 outputs,
-    label == COCO category id). `trainable_backbone_layers` None follows torchvision: 3 with pretrained
-    weights, 5 (all) otherwise; an explicit `backbone.frozen_stages` is respected when it is None.
-    Pretrained weights also switch `backbone.norm` "bn" to "frozen_bn" (as torchvision does).
+    The label space follows the data (background at output 0, then the object classes); whole-model `weights`
+    fix it instead (torchvision's COCO weights: 91 outputs, output == COCO category id). Evaluation compares
+    predictions and targets as dataset category ids, so such weights evaluate on any COCO-id data.
+    `trainable_backbone_layers` None follows torchvision: 3 with pretrained weights, 5 (all) otherwise; an
+    explicit `backbone.frozen_stages` is respected when it is None. Pretrained weights also switch
+    `backbone.norm` "bn" to "frozen_bn" (as torchvision does). `evaluation_style` "voc" adds VOC07/VOC12 AP
+    (the data module announces it).
     """
 
     task_name: ClassVar[str] = "detection"
     main_metric: ClassVar[str] = "val/map"
+    head_key: ClassVar[str] = CLASSIFIER_KEY
+    background: ClassVar[bool] = True
+    evaluates_across_label_spaces: ClassVar[bool] = True
+    writer_class: ClassVar[type] = DetectionWriter
 
     def __init__(
         self,
         num_classes: int | None = None,
+        label_space: LabelSpace | None = None,
         backbone: BackboneConfig | None = None,
         optimizer: OptimizerConfig | None = None,
         scheduler: SchedulerConfig | None = None,
         weights: str | None = None,
+        evaluation_style: Literal["coco", "voc"] = "coco",
         trainable_backbone_layers: int | None = None,
         fpn_channels: int = 256,
         min_size: int | list[int] = 800,
@@ -187,41 +151,18 @@ class DetectionTask(TaskBase):
         if optimizer is None:
             # torchvision's detection recipe: lr 0.02 per 16 images, weight decay on every parameter.
             optimizer = OptimizerConfig(lr=0.02, weight_decay=1e-4, norm_weight_decay=None)
-        super().__init__(
-            num_classes=num_classes, backbone=backbone, optimizer=optimizer, scheduler=scheduler, weights=weights
-        )
+        super().__init__(num_classes, label_space, backbone, optimizer, scheduler, weights)
         self.save_task_hyperparameters()
-
-        if weights:
-            space = label_space_from_weights(str(weights), num_classes)
-            if num_classes is not None and num_classes + 1 != space.num_outputs:
-                rank_zero_warn(
-                    f"--model.weights {weights} fix the label space to {space.num_outputs - 1} classes; the "
-                    f"data's {num_classes} classes are ignored by the model (predictions use the weights' labels)."
-                )
-            self.num_classes = space.num_outputs - 1
-            if space.class_names:
-                self.class_names = list(space.class_names)
-                self.label_to_category_id = space.label_to_category_id
-        elif num_classes is None:
-            raise UserError(
-                "DetectionTask needs the number of classes: it follows the data (--data.root), or comes from "
-                "whole-model weights (--model.weights file.ckpt|file.pth|FasterRCNN_ResNet50_FPN_Weights.COCO_V1)."
-            )
-        elif num_classes < 1:
-            raise UserError(
-                f"--model.num_classes must be >= 1 (object classes, background excluded), got {num_classes}."
-            )
+        self.evaluation_style = evaluation_style
 
         # The effective backbone options; the hyper-parameters above keep what the user asked for.
-        pretrained = bool(weights or self.backbone_config.weights)
+        pretrained = bool(self.weights or self.backbone_config.weights)
         config = self.backbone_config
         if pretrained and config.norm == "bn":
             config = dataclasses.replace(config, norm="frozen_bn")
         if trainable_backbone_layers is None and config.frozen_stages == 0:
             trainable_backbone_layers = 3 if pretrained else 5
-        self.backbone_config = config
-        body = self.build_backbone(output_stride=32)
+        body = config.build(output_stride=32)
         if trainable_backbone_layers is not None:
             stages = len(body.stage_names)
             if not 0 <= trainable_backbone_layers <= stages + 1:
@@ -233,24 +174,17 @@ class DetectionTask(TaskBase):
             # bottom: k trainable stages out of n leave the stem and the first n - k stages frozen.
             frozen = max(0, stages - trainable_backbone_layers)
             body.freeze(frozen)
-            self.backbone_config = dataclasses.replace(config, frozen_stages=frozen)
-
-        pyramid = BackboneWithFeaturePyramid(body, fpn_channels)
-        levels = len(pyramid.feature_names) + 1
-        sizes = tuple(tuple(int(s) for s in level) for level in (anchor_sizes or DEFAULT_ANCHOR_SIZES))
-        if len(sizes) != levels:
-            raise UserError(
-                f"--model.anchor_sizes needs one entry per pyramid level: {levels} for {config.name} "
-                f"({levels - 1} stages + the pooled level), got {len(sizes)}."
-            )
-        ratios = tuple(float(r) for r in (aspect_ratios or DEFAULT_ASPECT_RATIOS))
-        self.model = FasterRCNN(
-            pyramid,
-            num_classes=self.num_classes + 1,
-            min_size=tuple(min_size) if isinstance(min_size, (list, tuple)) else min_size,
+            config = dataclasses.replace(config, frozen_stages=frozen)
+        self.backbone_config = config
+        self.model = build_faster_rcnn(
+            body,
+            self.num_classes,
+            fpn_channels=fpn_channels,
+            min_size=min_size,
             max_size=max_size,
-            rpn_anchor_generator=AnchorGenerator(sizes, (ratios,) * levels),
-            box_roi_pool=MultiScaleRoIAlign(featmap_names=pyramid.feature_names, output_size=7, sampling_ratio=2),
+            anchor_sizes=anchor_sizes,
+            aspect_ratios=aspect_ratios,
+            frozen_bn_eps=0.0 if self.weights in ZERO_EPS_WEIGHTS else None,
             rpn_pre_nms_top_n_train=rpn_pre_nms_top_n_train,
             rpn_pre_nms_top_n_test=rpn_pre_nms_top_n_test,
             rpn_post_nms_top_n_train=rpn_post_nms_top_n_train,
@@ -263,34 +197,24 @@ class DetectionTask(TaskBase):
         )
         self.coco_metric = coco_map_metric()
         self.voc_metric = VOCDetectionAP()
-        self.evaluation_style = "coco"
-        # Dataset label -> category id of the evaluated data (targets); the model's own mapping is
-        # self.label_to_category_id (the same unless whole-model weights brought another label space).
-        self.data_label_to_category_id: list[int] | None = None
 
     # ----------------------------------------------------------------- TaskBase hooks
+    def label_space_for_count(self, count: int) -> LabelSpace:
+        """A `.pth` with 91 outputs is torchvision's COCO layout (output == COCO category id); others are numbered."""
+        if count == 91:
+            from torchvision.models.detection import FasterRCNN_ResNet50_FPN_Weights
+
+            return LabelSpace(tuple(FasterRCNN_ResNet50_FPN_Weights.COCO_V1.meta["categories"]), background=True)
+        return super().label_space_for_count(count)
+
     def backbone_module(self) -> nn.Module:
         return self.model.backbone.body
 
-    def load_model_weights(self, state_dict: dict[str, Tensor], meta: dict[str, Any], source: str) -> None:
-        """Whole-model weights: torchvision's layout (rpn.*, roi_heads.*, backbone.*) or our .ckpt ("model.")."""
+    def model_state_dict(self, state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+        """torchvision's layout (backbone.*, rpn.*, roi_heads.*) or our .ckpt ("model.*") -> this module's keys."""
         if any(key.startswith("model.") for key in state_dict):
-            state_dict = {key[len("model.") :]: value for key, value in state_dict.items() if key.startswith("model.")}
-        load_state_dict_into(self.model, state_dict, source=source, what="Faster R-CNN model")
-        if source in ZERO_EPS_WEIGHTS:
-            for module in self.model.modules():
-                if type(module).__name__ == "FrozenBatchNorm2d":
-                    module.eps = 0.0
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if self.label_to_category_id is None and self.class_names == []:
-            self.class_names = ["__background__", *[f"class_{i}" for i in range(1, self.num_classes + 1)]]
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        if datamodule is not None:
-            mapping = getattr(datamodule, "label_to_category_id", None)
-            self.data_label_to_category_id = list(mapping) if mapping is not None else None
-            self.evaluation_style = getattr(datamodule, "evaluation_style", "coco")
+            return {key: value for key, value in state_dict.items() if key.startswith("model.")}
+        return {f"model.{key}": value for key, value in state_dict.items()}
 
     def batch_size_of(self, batch: Any) -> int:
         return len(batch[0])
@@ -305,22 +229,15 @@ class DetectionTask(TaskBase):
         model_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
         return self.model(images, model_targets)
 
-    @staticmethod
-    def _map_labels(labels: Tensor, mapping: list[int] | None) -> Tensor:
-        if mapping is None:
-            return labels
-        table = torch.as_tensor(mapping, dtype=torch.int64, device=labels.device)
-        return table[labels]
-
     def _update_metrics(self, detections: list[dict[str, Tensor]], targets: list[dict[str, Any]]) -> None:
-        """Feed both sides in the dataset's category-id space (model labels and data labels may differ)."""
+        """Feed both sides as dataset category ids (the model's label space may be its weights', not the data's)."""
         preds, truths = [], []
         for detection, target in zip(detections, targets):
             preds.append(
                 {
                     "boxes": detection["boxes"].float(),
                     "scores": detection["scores"].float(),
-                    "labels": self._map_labels(detection["labels"], self.label_to_category_id),
+                    "labels": self.label_space.to_category_ids(detection["labels"]),
                 }
             )
             # COCO-style numbers on VOC treat `difficult` objects as COCOeval's ignore (crowd) regions.
@@ -328,7 +245,7 @@ class DetectionTask(TaskBase):
             truths.append(
                 {
                     "boxes": target["boxes"],
-                    "labels": self._map_labels(target["labels"], self.data_label_to_category_id),
+                    "labels": target["category_ids"],
                     "iscrowd": ignore.to(torch.int64),
                     "area": target["area"],
                     "difficult": target["difficult"],

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation.fcn import FCNHead
 
-from resnet_tasks.backbones import load_state_dict_into
+from resnet_tasks.backbones import BackboneConfig
 from resnet_tasks.errors import UserError
 from resnet_tasks.evaluation.segmentation import SegmentationMetrics, class_map
-from resnet_tasks.tasks.base import BackboneConfig, OptimizerConfig, SchedulerConfig, TaskBase
-from resnet_tasks.tasks.label_space import label_space_of_weights
-
-IGNORE_INDEX = 255
+from resnet_tasks.labels import LabelSpace
+from resnet_tasks.tasks.base import TaskBase
+from resnet_tasks.tasks.optim import OptimizerConfig, SchedulerConfig
+from resnet_tasks.writers.segmentation import SegmentationWriter
 
 
 class FCN(nn.Module):
@@ -48,17 +47,6 @@ class FCN(nn.Module):
         return result
 
 
-def _canonical_class_names(names: list[str]) -> list[str]:
-    # torchvision calls class 0 "__background__"; our data modules and metric names say "background".
-    return ["background" if name == "__background__" else name for name in names]
-
-
-def _is_missing_file(spec: str) -> bool:
-    """True for a weights path (it has a file suffix) that does not exist; enum names are never files."""
-    path = Path(spec).expanduser()
-    return path.suffix.lower() in (".pth", ".pt", ".ckpt") and not path.exists()
-
-
 def resize_logits_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Bilinear resize of (N, C, h, w) logits to `size` (no-op when it already has that size)."""
     if tuple(logits.shape[-2:]) == tuple(size):
@@ -79,12 +67,15 @@ class SegmentationTask(TaskBase):
     the original size (padded with 255 when sizes differ in a batch).
     """
 
-    task_name = "segmentation"
-    main_metric = "val/miou"
+    task_name: ClassVar[str] = "segmentation"
+    main_metric: ClassVar[str] = "val/miou"
+    head_key: ClassVar[str] = "classifier.4.weight"
+    writer_class: ClassVar[type] = SegmentationWriter
 
     def __init__(
         self,
         num_classes: int | None = None,
+        label_space: LabelSpace | None = None,
         backbone: BackboneConfig = BackboneConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(),
         scheduler: SchedulerConfig = SchedulerConfig(),
@@ -92,45 +83,22 @@ class SegmentationTask(TaskBase):
         aux_loss: bool = True,
         aux_weight: float = 0.5,
         aux_lr_mult: float = 1.0,
-        ignore_index: int = IGNORE_INDEX,
     ) -> None:
-        label_space = None
-        # A checkpoint restored with load_from_checkpoint knows its num_classes; its weights file may be gone
-        # (a missing file is still reported when it is actually needed, by load_pretrained in setup).
-        if weights and not (num_classes is not None and _is_missing_file(weights)):
-            label_space = label_space_of_weights(weights, head_key="classifier.4.weight")
-        if label_space is not None:
-            weight_classes, _ = label_space
-            if num_classes is not None and num_classes != weight_classes:
-                raise UserError(
-                    f"--model.weights {weights} is a whole segmentation model for {weight_classes} classes but "
-                    f"the data has {num_classes}. To fine-tune on these classes, reuse only its backbone: "
-                    f"--model.backbone.weights {weights} (and leave --model.weights unset)."
-                )
-            num_classes = weight_classes
-        if num_classes is None:
-            raise UserError(
-                "SegmentationTask needs num_classes (background included): give --data.root (the data "
-                "announces it), --model.num_classes N, or whole-model --model.weights (e.g. a .ckpt from fit)."
-            )
-        super().__init__(num_classes, backbone, optimizer, scheduler, weights)
+        super().__init__(num_classes, label_space, backbone, optimizer, scheduler, weights)
         self.save_task_hyperparameters()
-        # The resolved count, so load_from_checkpoint rebuilds the same heads without re-reading `weights`.
-        self.hparams["num_classes"] = num_classes
-        if label_space is not None and label_space[1]:
-            self.class_names = _canonical_class_names(list(label_space[1]))
         self.aux_loss = aux_loss
         self.aux_weight = aux_weight
         self.aux_lr_mult = aux_lr_mult
-        self.ignore_index = ignore_index
-        self.model = FCN(self.build_backbone(output_stride=8), num_classes, aux_loss=aux_loss)
+        self.ignore_index = self.label_space.ignore_index
+        self.model = FCN(self.backbone_config.build(output_stride=8), self.num_classes, aux_loss=aux_loss)
         if self.backbone_config.norm == "sync_bn":
             # The heads' BatchNorm follows the backbone's choice (statistics across GPUs at small batch sizes).
             self.model.classifier = nn.SyncBatchNorm.convert_sync_batchnorm(self.model.classifier)
             if self.model.aux_classifier is not None:
                 self.model.aux_classifier = nn.SyncBatchNorm.convert_sync_batchnorm(self.model.aux_classifier)
-        self.val_metrics = SegmentationMetrics(num_classes, ignore_index=ignore_index)
-        self.test_metrics = SegmentationMetrics(num_classes, ignore_index=ignore_index)
+        names = list(self.label_space.class_names)
+        self.val_metrics = SegmentationMetrics(self.num_classes, ignore_index=self.ignore_index, class_names=names)
+        self.test_metrics = SegmentationMetrics(self.num_classes, ignore_index=self.ignore_index, class_names=names)
 
     # ------------------------------------------------------------------ model and weights
     def backbone_module(self) -> nn.Module:
@@ -160,28 +128,11 @@ class SegmentationTask(TaskBase):
         """Logits (N, num_classes, H, W) at the input size for a batch of normalised images."""
         return self.model(images, with_aux=False)["out"]
 
-    def load_model_weights(self, state_dict: dict[str, torch.Tensor], meta: dict[str, Any], source: str) -> None:
-        # Our checkpoints hold the FCN under "model."; torchvision's files are the FCN's own state dict.
+    def model_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """torchvision's FCN layout (backbone.*, classifier.*, aux_classifier.*) or our .ckpt ("model.*")."""
         if any(key.startswith("model.backbone.") for key in state_dict):
-            state_dict = {key[len("model.") :]: value for key, value in state_dict.items() if key.startswith("model.")}
-        load_state_dict_into(self.model, state_dict, source=source, what="FCN segmentation model")
-        names = list(meta.get("categories") or (meta.get("resnet_tasks") or {}).get("class_names") or [])
-        if len(names) == self.num_classes:
-            self.class_names = _canonical_class_names(names)
-
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        data_classes = getattr(datamodule, "num_classes", None)
-        if stage != "predict" and data_classes is not None and data_classes != self.num_classes:
-            raise UserError(
-                f"The model predicts {self.num_classes} classes but the data has {data_classes}; use weights made "
-                "for this label space, or --model.backbone.weights to reuse only a backbone."
-            )
-        names = self.class_names if len(self.class_names) == self.num_classes else None
-        names = names or [f"class_{i}" for i in range(self.num_classes)]
-        for metric in (self.val_metrics, self.test_metrics):
-            metric.class_names = list(names)
+            return {key: value for key, value in state_dict.items() if key.startswith("model.")}
+        return {f"model.{key}": value for key, value in state_dict.items()}
 
     # ------------------------------------------------------------------ training
     def batch_size_of(self, batch: dict[str, Any]) -> int:
@@ -242,7 +193,3 @@ class SegmentationTask(TaskBase):
         """{"stem", "path": lists of str; "mask": list of (H, W) uint8 CPU tensors at original size}."""
         masks = [mask.to(torch.uint8).cpu() for mask in self.predict_masks(batch)]
         return {"stem": list(batch["stem"]), "path": list(batch["path"]), "mask": masks}
-
-    def class_name(self, index: int) -> str:
-        """Human-readable name of class `index` (the index itself when names are unknown)."""
-        return self.class_names[index] if index < len(self.class_names) else str(index)

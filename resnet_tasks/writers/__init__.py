@@ -1,8 +1,11 @@
-"""Prediction writers: the callback that drives them and the per-task writer registry."""
+"""Prediction writers: Lightning callbacks that stream `predict` outputs to files in the run's log directory.
+
+Each task names its writer (`TaskBase.writer_class`); the CLI adds it to `predict`. A writer reads the class
+names and category ids from the task's label space, nothing else.
+"""
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -10,22 +13,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import BasePredictionWriter
 
-from resnet_tasks.errors import UserError
-
-# task name -> "module:Class" of its writer (imported on use, so one task's writer needs no other's deps).
-WRITERS: dict[str, str] = {
-    "classification": "resnet_tasks.writers.classification:ClassificationWriter",
-    "detection": "resnet_tasks.writers.detection:DetectionWriter",
-    "segmentation": "resnet_tasks.writers.segmentation:SegmentationWriter",
-}
-
-
-def writer_class(task_name: str) -> type:
-    """The writer class registered for `task_name`."""
-    if task_name not in WRITERS:
-        raise UserError(f"No prediction writer for task {task_name!r}; known: {sorted(WRITERS)}.")
-    module_name, class_name = WRITERS[task_name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)
+from resnet_tasks.labels import LabelSpace
 
 
 def gather_objects(trainer: L.Trainer, obj: Any) -> list[Any]:
@@ -38,18 +26,39 @@ def gather_objects(trainer: L.Trainer, obj: Any) -> list[Any]:
 
 
 class PredictionWriter(BasePredictionWriter):
-    """Streams each predict batch to the task's writer; files land in the run's log directory."""
+    """Base of the per-task writers: `start` a run, `write_batch` each predict batch, `finish` the files.
+
+    `output_dir` None writes into the run's log directory (`lightning_logs/version_N/`).
+    """
 
     def __init__(self, output_dir: str | None = None) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = output_dir
-        self.writer: Any = None
+        self.out_dir = Path(output_dir or ".")
+        self.label_space: LabelSpace | None = None
         self.written: list[Path] = []
+
+    def start(self, out_dir: Path, label_space: LabelSpace) -> None:
+        """Begin writing a prediction run into `out_dir` for a model with `label_space`."""
+        self.out_dir = Path(out_dir)
+        self.label_space = label_space
+
+    def write_batch(self, outputs: Any, batch: Any) -> None:
+        """Take one predict batch's outputs (the task's `predict_step` result) and its input batch."""
+        raise NotImplementedError(f"{type(self).__name__} must implement write_batch()")
+
+    def finish(self, trainer: L.Trainer) -> list[Path]:
+        """Complete the files (rank 0 gathers what other ranks hold); the paths written, on rank 0."""
+        raise NotImplementedError(f"{type(self).__name__} must implement finish()")
+
+    def class_name(self, index: int) -> str:
+        """The name of output `index` in the model's label space."""
+        return self.label_space.name(index) if self.label_space is not None else str(index)
 
     def on_predict_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         out_dir = Path(self.output_dir or trainer.log_dir or trainer.default_root_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        self.writer = writer_class(pl_module.task_name)(out_dir, pl_module, trainer.datamodule)
+        self.start(out_dir, pl_module.label_space)
 
     def write_on_batch_end(
         self,
@@ -61,10 +70,10 @@ class PredictionWriter(BasePredictionWriter):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
-        self.writer.write_batch(prediction, batch)
+        self.write_batch(prediction, batch)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.written = self.writer.finish(trainer)
+        self.written = self.finish(trainer)
         if trainer.is_global_zero:
             for path in self.written:
                 print(f"predictions written: {path}")

@@ -8,13 +8,16 @@ from typing import Any
 
 import lightning as L
 
+from resnet_tasks.labels import LabelSpace
+from resnet_tasks.writers import PredictionWriter, gather_objects
 
-class ClassificationWriter:
+
+class ClassificationWriter(PredictionWriter):
     """Collects top-5 predictions per image and writes `predictions.csv` (rows sorted by image name)."""
 
-    def __init__(self, out_dir: Path, task: Any, datamodule: Any) -> None:
-        self.path = Path(out_dir) / "predictions.csv"
-        self.task = task
+    def start(self, out_dir: Path, label_space: LabelSpace) -> None:
+        super().start(out_dir, label_space)
+        self.path = self.out_dir / "predictions.csv"
         self.rows: list[list[Any]] = []
         self.k = 0
 
@@ -23,15 +26,13 @@ class ClassificationWriter:
             outputs["name"], outputs["label"].tolist(), outputs["probs"].tolist(), outputs["indices"].tolist()
         ):
             self.k = max(self.k, len(indices))
-            target = self.task.class_name(label) if label >= 0 else ""
+            target = self.class_name(label) if label >= 0 else ""
             row: list[Any] = [name, target]
             for index, prob in zip(indices, probs):
-                row += [self.task.class_name(index), f"{prob:.6f}"]
+                row += [self.class_name(index), f"{prob:.6f}"]
             self.rows.append(row)
 
     def finish(self, trainer: L.Trainer) -> list[Path]:
-        from resnet_tasks.writers import gather_objects
-
         parts = gather_objects(trainer, (self.k, self.rows))
         if not trainer.is_global_zero:
             return []

@@ -12,6 +12,9 @@ import torch
 from PIL import Image
 from torchvision.utils import draw_bounding_boxes
 
+from resnet_tasks.labels import LabelSpace
+from resnet_tasks.writers import PredictionWriter, gather_objects
+
 # One colour per class (label modulo the list): well-separated hues that stay visible on photos.
 BOX_COLOURS: tuple[tuple[int, int, int], ...] = (
     (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
@@ -25,7 +28,7 @@ def box_colour(label: int) -> tuple[int, int, int]:
 
 
 def to_coco_results(
-    detections: dict[str, torch.Tensor], image_id: int | str, label_to_category_id: list[int] | None
+    detections: dict[str, torch.Tensor], image_id: int | str, label_space: LabelSpace
 ) -> list[dict[str, Any]]:
     """One image's detections as COCO results: XYXY -> XYWH (pixels), label -> the dataset's category id."""
     boxes = detections["boxes"].detach().cpu().double().reshape(-1, 4)
@@ -33,11 +36,10 @@ def to_coco_results(
     scores = detections["scores"].detach().cpu().tolist()
     results = []
     for (x1, y1, x2, y2), label, score in zip(boxes.tolist(), labels, scores):
-        category_id = label_to_category_id[label] if label_to_category_id is not None else label
         results.append(
             {
                 "image_id": image_id,
-                "category_id": int(category_id),
+                "category_id": label_space.category_id(label),
                 # 3 decimals (a thousandth of a pixel) keep the file small without moving any IoU noticeably.
                 "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
                 "score": round(float(score), 6),
@@ -46,7 +48,7 @@ def to_coco_results(
     return results
 
 
-class DetectionWriter:
+class DetectionWriter(PredictionWriter):
     """Collects COCO results per image (in dataset order) and draws boxes on the first `picture_count` images.
 
     `image_id` is the dataset's image id (COCO), or the file stem (VOC, a predict folder). Pictures show
@@ -58,26 +60,18 @@ class DetectionWriter:
     picture_score_threshold = 0.5
     picture_max_boxes = 50
 
-    def __init__(self, out_dir: Path, task: Any, datamodule: Any) -> None:
-        self.out_dir = Path(out_dir)
+    def start(self, out_dir: Path, label_space: LabelSpace) -> None:
+        super().start(out_dir, label_space)
         self.path = self.out_dir / "predictions.json"
         self.picture_dir = self.out_dir / "pictures"
-        self.task = task
-        self.mapping: list[int] | None = getattr(task, "label_to_category_id", None)
-        self.class_names: list[str] = list(getattr(task, "class_names", []) or [])
         self.results: list[tuple[int, list[dict[str, Any]]]] = []
         self.pictures: list[Path] = []
-
-    def class_name(self, label: int) -> str:
-        if 0 <= label < len(self.class_names):
-            return self.class_names[label]
-        return str(label)
 
     def write_batch(self, outputs: list[dict[str, torch.Tensor]], batch: Any) -> None:
         images, targets = batch
         for image, target, detections in zip(images, targets, outputs):
             index = int(target["index"])
-            self.results.append((index, to_coco_results(detections, target["image_key"], self.mapping)))
+            self.results.append((index, to_coco_results(detections, target["image_key"], self.label_space)))
             if index < self.picture_count:
                 self.pictures.append(self.draw(image, detections, Path(str(target["file_name"])).stem))
 
@@ -97,8 +91,6 @@ class DetectionWriter:
         return path
 
     def finish(self, trainer: L.Trainer) -> list[Path]:
-        from resnet_tasks.writers import gather_objects
-
         parts = gather_objects(trainer, (self.results, [str(p) for p in self.pictures]))
         if not trainer.is_global_zero:
             return []

@@ -12,15 +12,9 @@ from PIL import Image
 from torchvision.utils import draw_segmentation_masks
 
 from resnet_tasks.data.common import distributed_rank_and_size, read_image
-from resnet_tasks.data.shapes import VOC_PALETTE
-
-
-def save_palette_mask(mask: np.ndarray, path: Path) -> None:
-    """Write an HxW uint8 class map as a VOC-palette PNG (mode 'P': viewers show colours, values stay ids)."""
-    picture = Image.fromarray(np.ascontiguousarray(mask, dtype=np.uint8))
-    picture.putpalette(VOC_PALETTE)  # an "L" image becomes "P" with its values unchanged
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture.save(path, optimize=False)
+from resnet_tasks.data.masks import VOC_PALETTE, save_palette_mask
+from resnet_tasks.labels import LabelSpace
+from resnet_tasks.writers import PredictionWriter, gather_objects
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -36,7 +30,7 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarr
     return drawn.permute(1, 2, 0).numpy()
 
 
-class SegmentationWriter:
+class SegmentationWriter(PredictionWriter):
     """Writes one palette PNG per image at its original size, and overlays for the first `num_overlays` images.
 
     Every rank writes the images of its own shard (file names are the image stems, so ranks never collide);
@@ -44,29 +38,30 @@ class SegmentationWriter:
     images, which are the globally first ones because evaluation shards are interleaved.
     """
 
-    def __init__(self, out_dir: Path, task: Any, datamodule: Any, num_overlays: int = 16) -> None:
-        self.out_dir = Path(out_dir)
+    def __init__(self, output_dir: str | None = None, num_overlays: int = 16) -> None:
+        super().__init__(output_dir)
+        self.num_overlays = num_overlays
+
+    def start(self, out_dir: Path, label_space: LabelSpace) -> None:
+        super().start(out_dir, label_space)
         self.mask_dir = self.out_dir / "masks"
         self.overlay_dir = self.out_dir / "overlays"
-        self.task = task
         _, world_size = distributed_rank_and_size()
-        self.overlays_left = -(-num_overlays // world_size)
-        self.written = 0
+        self.overlays_left = -(-self.num_overlays // world_size)
+        self.count = 0
 
     def write_batch(self, outputs: dict[str, Any], batch: Any) -> None:
         for stem, path, mask in zip(outputs["stem"], outputs["path"], outputs["mask"]):
             array = mask.numpy() if isinstance(mask, torch.Tensor) else np.asarray(mask)
             save_palette_mask(array, self.mask_dir / f"{stem}.png")
-            self.written += 1
+            self.count += 1
             if self.overlays_left > 0:
                 self.overlays_left -= 1
                 self.overlay_dir.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(overlay(read_image(path), array)).save(self.overlay_dir / f"{stem}.jpg", quality=90)
 
     def finish(self, trainer: L.Trainer) -> list[Path]:
-        from resnet_tasks.writers import gather_objects
-
-        counts = gather_objects(trainer, self.written)
+        counts = gather_objects(trainer, self.count)
         if not trainer.is_global_zero:
             return []
         paths = [self.mask_dir]

@@ -1,0 +1,153 @@
+"""Optimisation for every task: the `optimizer` and `scheduler` config groups, parameter groups and the LR schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from resnet_tasks.errors import UserError
+
+
+@dataclass
+class OptimizerConfig:
+    """The `optimizer` config group: SGD or AdamW, weight decay rules and the backbone LR multiplier."""
+
+    name: Literal["sgd", "adamw"] = "sgd"
+    lr: float = 0.1
+    momentum: float = 0.9
+    nesterov: bool = False
+    weight_decay: float = 1e-4
+    norm_weight_decay: float | None = 0.0
+    backbone_lr_mult: float = 1.0
+    betas: tuple[float, float] = (0.9, 0.999)
+
+
+@dataclass
+class SchedulerConfig:
+    """The `scheduler` config group: linear warmup, then constant / cosine / multistep / poly decay.
+
+    `interval: step` updates the LR every optimizer step (milestones stay in epochs); `warmup_steps`
+    counts scheduler updates (steps or epochs, following `interval`).
+    """
+
+    name: Literal["constant", "cosine", "multistep", "poly"] = "cosine"
+    interval: Literal["step", "epoch"] = "step"
+    warmup_steps: int = 0
+    warmup_factor: float = 0.001
+    milestones: list[int] = field(default_factory=list)
+    gamma: float = 0.1
+    power: float = 0.9
+    min_lr: float = 0.0
+
+
+def as_config(value: Any, cls: type) -> Any:
+    """A config group (dataclass `cls`) from an instance, a dict (a checkpoint's hyper-parameters) or None."""
+    if value is None:
+        return cls()
+    if isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(value) - known)
+        if unknown:
+            raise UserError(f"Unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(known)}.")
+        return cls(**value)
+    if dataclasses.is_dataclass(value):
+        return cls(**dataclasses.asdict(value))
+    raise UserError(f"Expected a mapping for {cls.__name__}, got {value!r}.")
+
+
+class ScheduleFactor:
+    """LR multiplier as a function of the scheduler step: linear warmup, then the main decay.
+
+    A callable object (not a closure) so LambdaLR can save and restore it in checkpoints.
+    """
+
+    def __init__(self, config: SchedulerConfig, total_steps: int, steps_per_epoch: float, base_lr: float) -> None:
+        self.name = config.name
+        self.warmup_steps = config.warmup_steps
+        self.warmup_factor = config.warmup_factor
+        self.milestones = [round(m * steps_per_epoch) for m in config.milestones]
+        self.gamma = config.gamma
+        self.power = config.power
+        self.min_factor = config.min_lr / base_lr if base_lr > 0 else 0.0
+        self.total_steps = max(1, total_steps)
+
+    def __call__(self, step: int) -> float:
+        factor = 1.0
+        if step < self.warmup_steps:
+            alpha = step / self.warmup_steps
+            factor = self.warmup_factor * (1 - alpha) + alpha
+        progress = min(1.0, step / self.total_steps)
+        if self.name == "cosine":
+            decay = self.min_factor + (1 - self.min_factor) * 0.5 * (1 + math.cos(math.pi * progress))
+        elif self.name == "poly":
+            decay = self.min_factor + (1 - self.min_factor) * (1 - progress) ** self.power
+        elif self.name == "multistep":
+            decay = self.gamma ** sum(step >= m for m in self.milestones)
+        else:
+            decay = 1.0
+        return factor * decay
+
+
+def is_no_decay(module: nn.Module, param_name: str) -> bool:
+    """Normalisation parameters and biases: the ones the references exclude from weight decay."""
+    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+    return isinstance(module, norm_types) or param_name == "bias"
+
+
+def parameter_groups(model: nn.Module, backbone: nn.Module, config: OptimizerConfig) -> list[dict[str, Any]]:
+    """Backbone/other x decay/no-decay groups of `model`'s trainable parameters, each with its LR and decay."""
+    backbone_ids = {id(p) for p in backbone.parameters()}
+    norm_wd = config.weight_decay if config.norm_weight_decay is None else config.norm_weight_decay
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    seen: set[int] = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))
+            key = (id(param) in backbone_ids, is_no_decay(module, name))
+            groups.setdefault(key, []).append(param)
+    result = []
+    for (in_backbone, no_decay), params in sorted(groups.items()):
+        result.append(
+            {
+                "params": params,
+                "lr": config.lr * (config.backbone_lr_mult if in_backbone else 1.0),
+                "weight_decay": norm_wd if no_decay else config.weight_decay,
+                "name": f"{'backbone' if in_backbone else 'head'}{'/no_decay' if no_decay else ''}",
+            }
+        )
+    return result
+
+
+def build_optimizer(groups: list[dict[str, Any]], config: OptimizerConfig) -> torch.optim.Optimizer:
+    """SGD or AdamW over `groups` as the config says."""
+    if config.name == "sgd":
+        return torch.optim.SGD(
+            groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
+        )
+    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+
+
+def build_scheduler(
+    optimizer: torch.optim.Optimizer,
+    config: SchedulerConfig,
+    base_lr: float,
+    total_steps: int,
+    steps_per_epoch: float,
+    max_epochs: int,
+) -> dict[str, Any]:
+    """Lightning's `lr_scheduler` entry: warmup + decay as a LambdaLR, stepped per step or per epoch."""
+    if config.interval == "epoch":
+        total, per_epoch = max_epochs, 1.0
+    else:
+        total, per_epoch = total_steps, steps_per_epoch
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, ScheduleFactor(config, total, per_epoch, base_lr))
+    return {"scheduler": scheduler, "interval": config.interval}
