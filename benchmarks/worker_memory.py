@@ -86,8 +86,8 @@ class DictCocoDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        from resnet_tasks.data.coco import image_to_tensor
         from resnet_tasks.data.common import read_image
+        from resnet_tasks.data.detection import image_to_tensor
 
         image = self.images[index]
         boxes = torch.tensor([a["bbox"] for a in self.objects[index]], dtype=torch.float32).reshape(-1, 4)
@@ -167,7 +167,8 @@ def bench_memory(sizes: Sizes, device: torch.device) -> dict[str, Any]:
 
 def _memory_in_process(sizes: Sizes, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
-    from resnet_tasks.data.coco import CocoDetectionDataModule, detection_collate
+    from resnet_tasks.data.coco import CocoDetectionDataModule
+    from resnet_tasks.data.detection import detection_collate
 
     with tempfile.TemporaryDirectory() as tmp:
         root = write_memory_coco(Path(tmp), sizes.memory_images)

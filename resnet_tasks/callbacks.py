@@ -105,6 +105,12 @@ class InterruptCheckpoint(Callback):
         if not isinstance(exception, SIGTERMException) or not trainer.training:
             return
         self.path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / INTERRUPTED_CHECKPOINT
+        epochs = trainer.fit_loop.epoch_progress.current
+        if epochs.completed == epochs.ready:
+            # Stopped between two epochs (Lightning checks SIGTERM again after an epoch's end): the epoch loop
+            # still counts the finished epoch's batches, so a resume would continue "mid-epoch". Record what
+            # the next epoch's start looks like instead, so the run and its data resume at that epoch's batch 0.
+            trainer.fit_loop.epoch_loop.batch_progress.reset_on_run()
         trainer.save_checkpoint(self.path, weights_only=False)
         if trainer.is_global_zero:
             print(f"checkpoint written on interrupt: {self.path} (resume with --ckpt_path {self.path})")

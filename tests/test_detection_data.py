@@ -12,14 +12,14 @@ import pytest
 import torch
 from PIL import Image
 
-from resnet_tasks.data.coco import (
-    CocoDetectionDataModule,
+from resnet_tasks.data.coco import CocoDetectionDataModule
+from resnet_tasks.data.common import TrainSampler
+from resnet_tasks.data.detection import (
     DetectionAnnotations,
     GroupedBatchSampler,
     aspect_ratio_groups,
     detection_collate,
 )
-from resnet_tasks.data.common import TrainSampler
 from resnet_tasks.data.voc import VOCDetectionDataModule, parse_split
 from resnet_tasks.errors import UserError
 
@@ -185,8 +185,12 @@ def test_grouped_batches_share_an_aspect_ratio_group_and_have_equal_counts() -> 
             assert sampler.epoch == 1
             emitted = list(batches)
             assert len(emitted) == len(batches) == sampler.num_samples // 3
-            assert all(len(b) == 3 and len({int(groups[i]) for i in b}) == 1 for b in emitted)
-            assert set(sum(emitted, [])) <= set(sampler.indices())
+            assert all(len(b) == 3 and len({int(groups[i]) for i, _ in b}) == 1 for b in emitted)
+            assert {i for i, _ in sum(emitted, [])} <= set(sampler.indices())
+            # Resuming at batch 2 of epoch 1 gives exactly the batches an uninterrupted pass gives from there.
+            again = GroupedBatchSampler(sampler, groups, batch_size=3)
+            again.load_state_dict({"epoch": 1, "batches_done": 2})
+            assert list(again) == emitted[2:]
             lengths.append(len(emitted))
         assert len(set(lengths)) == 1
 

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from resnet_tasks.data.common import IMAGE_EXTENSIONS, BaseDataModule, list_images, read_image
+from resnet_tasks.data.common import IMAGE_EXTENSIONS, BaseDataModule, item_and_seed, list_images, read_image
 from resnet_tasks.data.transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -54,7 +54,7 @@ class ImageListDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
-        index, seed = item if isinstance(item, tuple) else (item, None)
+        index, seed = item_and_seed(item)
         image = read_image(os.fsdecode(self.paths[index]))
         return {
             "image": self.transform(image, seed),
@@ -95,11 +95,6 @@ class ImageFolderDataModule(BaseDataModule):
 
     def __init__(
         self,
-        root: str | None = None,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
-        num_workers: int = 4,
-        predict_path: str | None = None,
         crop_size: int = 224,
         resize_size: int = 256,
         eval_crop_size: int | None = None,
@@ -108,13 +103,9 @@ class ImageFolderDataModule(BaseDataModule):
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         class_names: list[str] | None = None,
-        pin_memory: bool = True,
-        seed: int = 0,
-        max_skipped_fraction: float = 0.01,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root, batch_size, eval_batch_size, num_workers, predict_path, pin_memory, seed, max_skipped_fraction
-        )
+        super().__init__(**kwargs)
         self.crop_size = crop_size
         self.resize_size = resize_size
         self.eval_crop_size = eval_crop_size or crop_size
@@ -123,7 +114,7 @@ class ImageFolderDataModule(BaseDataModule):
         self.mean = tuple(mean)
         self.std = tuple(std)
         self.folder_names: list[str] = []
-        if predict_path is not None and self.root is not None and not self.root.is_dir():
+        if self.predict_path is not None and self.root is not None and not self.root.is_dir():
             self.root = None  # predicting on a folder needs no dataset (the config may name one not here)
         if self.root is not None:
             self.folder_names = self._discover_classes()
@@ -134,7 +125,7 @@ class ImageFolderDataModule(BaseDataModule):
                     f"{len(self.folder_names)} class folders."
                 )
             self.label_space = LabelSpace(tuple(names))
-        elif predict_path is None:
+        elif self.predict_path is None:
             self.require_root()
         self.datasets: dict[str, Dataset] = {}
 
@@ -185,7 +176,7 @@ class ImageFolderDataModule(BaseDataModule):
         return self.datasets[key]
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self.loader(self._dataset("train"), train=True, sample_seeds=True)
+        return self.loader(self._dataset("train"), train=True)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         return self.loader(self._dataset("val"), train=False)
@@ -212,30 +203,24 @@ class ShapesClassificationDataModule(ImageFolderDataModule):
     def __init__(
         self,
         root: str | None = None,
-        batch_size: int = 32,
-        eval_batch_size: int | None = None,
         num_workers: int = 2,
-        predict_path: str | None = None,
         crop_size: int = 64,
         resize_size: int = 64,
-        eval_crop_size: int | None = None,
         train_scale: tuple[float, float] = (0.8, 1.0),
-        hflip: bool = True,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
-        class_names: list[str] | None = None,
-        pin_memory: bool = True,
-        seed: int = 0,
-        max_skipped_fraction: float = 0.01,
+        **kwargs: Any,
     ) -> None:
         if root is None:
             from resnet_tasks.data.shapes import ensure_shapes
 
             root = str(ensure_shapes() / "imagefolder")
         super().__init__(
-            root, batch_size, eval_batch_size, num_workers, predict_path, crop_size, resize_size,
-            eval_crop_size, train_scale, hflip, mean, std, class_names, pin_memory, seed, max_skipped_fraction,
-        )  # fmt: skip
+            root=root,
+            num_workers=num_workers,
+            crop_size=crop_size,
+            resize_size=resize_size,
+            train_scale=train_scale,
+            **kwargs,
+        )
 
 
 class ArrayImageDataset(Dataset):
@@ -251,7 +236,7 @@ class ArrayImageDataset(Dataset):
         return len(self.labels)
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
-        index, seed = item if isinstance(item, tuple) else (item, None)
+        index, seed = item_and_seed(item)
         return {
             "image": self.transform(self.images[index], seed),
             "label": int(self.labels[index]),
@@ -310,18 +295,11 @@ class CIFARDataModule(BaseDataModule):
         root: str | None = "data/cifar",
         variant: int = 10,
         batch_size: int = 128,
-        eval_batch_size: int | None = None,
-        num_workers: int = 4,
-        predict_path: str | None = None,
         val_size: int = 5000,
         download: bool = False,
-        pin_memory: bool = True,
-        seed: int = 0,
-        max_skipped_fraction: float = 0.01,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root, batch_size, eval_batch_size, num_workers, predict_path, pin_memory, seed, max_skipped_fraction
-        )
+        super().__init__(root=root, batch_size=batch_size, **kwargs)
         if variant not in CIFAR_FILES:
             raise UserError(f"--data.variant must be 10 or 100, got {variant}.")
         self.variant = variant
@@ -374,7 +352,7 @@ class CIFARDataModule(BaseDataModule):
         return dataset
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self.loader(self._split("train"), train=True, sample_seeds=True)
+        return self.loader(self._split("train"), train=True)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
         return self.loader(self._split("val"), train=False)

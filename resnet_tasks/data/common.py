@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -58,6 +59,19 @@ def read_image(path: str | Path) -> np.ndarray:
                 "Re-download or remove the file."
             ) from None
     return cv2.cvtColor(data, cv2.COLOR_BGR2RGB)
+
+
+def image_size_hw(path: str | Path) -> tuple[int, int]:
+    """(height, width) of an image as the decoder will return it, from the header only (EXIF rotation too)."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+            # OpenCV's decoder applies the EXIF orientation; orientations 5-8 swap the axes.
+            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
+                width, height = height, width
+    except Exception as error:
+        raise UserError(f"Corrupt or unreadable image {path} ({type(error).__name__}: {error}).") from None
+    return height, width
 
 
 def list_images(folder: str | Path) -> list[Path]:
@@ -157,31 +171,24 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
 
 
-class TrainSampler(Sampler):
+class TrainSampler(Sampler[tuple[int, int]]):
     """Training order: a seeded permutation per epoch, split evenly across DDP ranks (padded by wrap-around).
 
-    Lightning calls `set_epoch` at each epoch start, so every epoch sees a new, reproducible order. With
-    `yield_seeds`, it yields `(index, seed)` pairs: datasets seed their augmentation per sample, so the
-    pixels a step sees do not depend on worker count, worker restarts or resumption. `skip_next(n)` drops
-    the first n indices of the next pass (resuming mid-epoch from a checkpoint).
+    Yields `(index, seed)` pairs: datasets seed their augmentation per sample, so the pixels a step sees depend
+    neither on worker count nor on worker restarts or resumption. Lightning calls `set_epoch` (through the batch
+    sampler) at each epoch start, so every epoch sees a new, reproducible order.
     """
 
-    def __init__(self, dataset_len: int, shuffle: bool = True, seed: int = 0, yield_seeds: bool = False) -> None:
+    def __init__(self, dataset_len: int, shuffle: bool = True, seed: int = 0) -> None:
         self.dataset_len = dataset_len
         self.shuffle = shuffle
         self.seed = seed
-        self.yield_seeds = yield_seeds
         self.epoch = 0
-        self.skip = 0
         self.rank, self.world_size = distributed_rank_and_size()
         self.num_samples = math.ceil(dataset_len / self.world_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
-
-    def skip_next(self, count: int) -> None:
-        """Skip the first `count` indices of the next iteration only."""
-        self.skip = count
 
     def indices(self) -> list[int]:
         """This rank's indices for the current epoch."""
@@ -194,15 +201,69 @@ class TrainSampler(Sampler):
         order += order[: total - len(order)]
         return order[self.rank : total : self.world_size]
 
-    def __iter__(self) -> Iterator:
-        indices = self.indices()[self.skip :]
-        self.skip = 0
-        if self.yield_seeds:
-            return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in indices])
-        return iter(indices)
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return iter([(i, sample_seed(self.seed, self.epoch, i)) for i in self.indices()])
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
+    """Training batches of `(index, seed)` items; an epoch's batches are a fixed function of (seed, epoch).
+
+    The one resume interface of every training sampler, in Lightning's form: `state_dict()` says where the
+    sampler stands (`epoch`, `batches_done`: batches handed out this epoch, which runs ahead of training by
+    the loader's prefetch) and `load_state_dict(state)` makes the next pass start at batch `batches_done` of
+    `epoch`. The data module saves the loop's own count and loads it here on resume. Subclasses define how an
+    epoch's items are grouped (`epoch_batches`); every rank yields `len(self)` batches (DDP stays in step).
+    """
+
+    def __init__(self, sampler: TrainSampler, batch_size: int) -> None:
+        self.sampler = sampler
+        self.batch_size = batch_size
+        self.batches_done = 0
+        self._skip = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def epoch_batches(self) -> Iterator[list[tuple[int, int]]]:
+        """This epoch's batches, from the first."""
+        raise NotImplementedError(f"{type(self).__name__} must implement epoch_batches()")
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        skip, self._skip = self._skip, 0
+        self.batches_done = skip
+        for batch in itertools.islice(self.epoch_batches(), skip, len(self)):
+            self.batches_done += 1
+            yield batch
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.batch_size
+
+    def state_dict(self) -> dict[str, int]:
+        return {"epoch": self.sampler.epoch, "batches_done": self.batches_done}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        epoch, done = int(state["epoch"]), int(state["batches_done"])
+        if done >= len(self):  # saved at an epoch's end: the next epoch starts from its beginning
+            epoch, done = epoch + 1, 0
+        self.set_epoch(epoch)
+        self._skip = done
+
+
+class TrainBatchSampler(ResumableBatchSampler):
+    """Consecutive items of the epoch's order, `batch_size` at a time (the incomplete last batch is dropped)."""
+
+    def epoch_batches(self) -> Iterator[list[tuple[int, int]]]:
+        items = list(self.sampler)
+        for start in range(0, len(items) - self.batch_size + 1, self.batch_size):
+            yield items[start : start + self.batch_size]
+
+
+def item_and_seed(item: int | tuple[int, int]) -> tuple[int, int | None]:
+    """A dataset item key: `index` (evaluation) or `(index, seed)` (training, from TrainSampler)."""
+    return item if isinstance(item, tuple) else (item, None)
 
 
 def worker_init(worker_id: int) -> None:
@@ -285,7 +346,7 @@ class BaseDataModule(L.LightningDataModule):
         return f"skipped {len(skipped)} unreadable training image(s) this epoch ({fraction:.2%}): {examples}"
 
     def state_dict(self) -> dict[str, Any]:
-        """Where training stands in the data (saved in checkpoints so a mid-epoch resume continues exactly)."""
+        """Where training stands (epoch, batches done), from the loop: saved in checkpoints for an exact resume."""
         if self.trainer is None or not self.trainer.training:
             return {}
         loop = self.trainer.fit_loop
@@ -295,22 +356,8 @@ class BaseDataModule(L.LightningDataModule):
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Remember the saved position; the next training loader's batch sampler starts there."""
         self._resume = dict(state_dict) or None
-
-    def _apply_resume(self, sampler: Any, num_batches: int) -> None:
-        """Position a fresh training sampler where the checkpoint left off (once, right after a restore)."""
-        resume, self._resume = self._resume, None
-        if not resume or not hasattr(sampler, "set_epoch"):
-            return
-        epoch, done = resume["epoch"], resume["batches_done"]
-        if done >= num_batches:  # saved at an epoch's end: the next epoch starts from its beginning
-            sampler.set_epoch(epoch + 1)
-            return
-        sampler.set_epoch(epoch)
-        if hasattr(sampler, "skip_next_batches"):
-            sampler.skip_next_batches(done)
-        elif hasattr(sampler, "skip_next"):
-            sampler.skip_next(done * self.batch_size)
 
     def require_root(self) -> Path:
         """The dataset root; UserError when it was not given or does not exist."""
@@ -328,14 +375,22 @@ class BaseDataModule(L.LightningDataModule):
         dataset: torch.utils.data.Dataset,
         *,
         train: bool,
-        collate_fn=None,
+        collate_fn: Any = None,
         batch_sampler: Sampler | None = None,
-        sample_seeds: bool = False,
     ) -> torch.utils.data.DataLoader:
-        """A DataLoader with our DDP-aware samplers (the CLI turns off Lightning's sampler replacement)."""
+        """A DataLoader with our DDP-aware samplers (the CLI turns off Lightning's sampler replacement).
+
+        Training always goes through a `ResumableBatchSampler` (default: shuffled batches of `batch_size`),
+        positioned where a restored checkpoint left off.
+        """
         if train:
             dataset = SkipUnreadable(dataset)
             collate_fn = SkippingCollate(collate_fn)
+            if batch_sampler is None:
+                batch_sampler = TrainBatchSampler(TrainSampler(len(dataset), seed=self.seed), self.batch_size)
+            if self._resume:
+                batch_sampler.load_state_dict(self._resume)
+                self._resume = None
         common = dict(
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
@@ -347,15 +402,7 @@ class BaseDataModule(L.LightningDataModule):
         # run's dropout/mixup draws would shift against the uninterrupted run.
         common["generator"] = torch.Generator().manual_seed(self.seed)
         if batch_sampler is not None:
-            if train:
-                self._apply_resume(batch_sampler, len(batch_sampler))
             return torch.utils.data.DataLoader(dataset, batch_sampler=batch_sampler, **common)
-        if train:
-            sampler = TrainSampler(len(dataset), shuffle=True, seed=self.seed, yield_seeds=sample_seeds)
-            self._apply_resume(sampler, len(sampler) // self.batch_size)
-            return torch.utils.data.DataLoader(
-                dataset, batch_size=self.batch_size, sampler=sampler, drop_last=True, **common
-            )
         return torch.utils.data.DataLoader(
             dataset, batch_size=self.eval_batch_size, sampler=EvalShardSampler(len(dataset)), **common
         )

@@ -6,11 +6,12 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image
 
-from resnet_tasks.data.coco import AnnotationBuilder, DetectionAnnotations, DetectionDataModule
+from resnet_tasks.data.common import image_size_hw, stems_from_list
+from resnet_tasks.data.detection import AnnotationBuilder, DetectionAnnotations, DetectionDataModule
 from resnet_tasks.errors import UserError
 
 VOC_CLASSES: tuple[str, ...] = (
@@ -102,8 +103,7 @@ def load_voc_split(root: Path, split: str, class_names: Sequence[str]) -> Detect
         listing = folder / "ImageSets" / "Main" / f"{image_set}.txt"
         if not listing.is_file():
             raise UserError(f"Missing VOC image list {listing} (split {split!r}).\n{VOC_LAYOUT}")
-        stems = [line.split()[0] for line in listing.read_text().splitlines() if line.strip()]
-        for stem in stems:
+        for stem in stems_from_list(listing):
             xml = folder / "Annotations" / f"{stem}.xml"
             if not xml.is_file():
                 raise UserError(f"Missing VOC annotation {xml} (listed in {listing}).\n{VOC_LAYOUT}")
@@ -111,11 +111,7 @@ def load_voc_split(root: Path, split: str, class_names: Sequence[str]) -> Detect
             relative = f"VOCdevkit/VOC{year}/JPEGImages/{stem}.jpg"
             if height <= 0 or width <= 0:
                 # Header read only (no decode): the size is needed to clip boxes and group aspect ratios.
-                try:
-                    with Image.open(root / relative) as image:
-                        width, height = image.size
-                except OSError:
-                    raise UserError(f"{xml} has no <size> and image {root / relative} cannot be read.") from None
+                height, width = image_size_hw(root / relative)
             builder.add_image(
                 file_name=relative,
                 image_id=len(builder.image_ids),
@@ -141,46 +137,17 @@ class VOCDetectionDataModule(DetectionDataModule):
 
     def __init__(
         self,
-        root: str | None = None,
-        batch_size: int = 2,
-        eval_batch_size: int | None = None,
-        num_workers: int = 4,
-        predict_path: str | None = None,
-        pin_memory: bool = True,
-        seed: int = 0,
-        max_skipped_fraction: float = 0.01,
         train_split: str = "2007-trainval+2012-trainval",
         val_split: str = "2007-test",
         test_split: str = "2007-test",
-        predict_split: str | None = None,
-        aspect_ratio_group_factor: int = 3,
-        hflip_prob: float = 0.5,
-        scale_jitter: float = 0.0,
-        remove_images_without_annotations: bool = True,
         class_names: list[str] | None = None,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root=root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            num_workers=num_workers,
-            predict_path=predict_path,
-            pin_memory=pin_memory,
-            seed=seed,
-            max_skipped_fraction=max_skipped_fraction,
-            train_split=train_split,
-            val_split=val_split,
-            test_split=test_split,
-            predict_split=predict_split,
-            aspect_ratio_group_factor=aspect_ratio_group_factor,
-            hflip_prob=hflip_prob,
-            scale_jitter=scale_jitter,
-            remove_images_without_annotations=remove_images_without_annotations,
-        )
+        super().__init__(train_split=train_split, val_split=val_split, test_split=test_split, **kwargs)
         names = list(class_names or VOC_CLASSES)
         self.object_names = names
         self.set_label_space(names, range(1, len(names) + 1))
-        for split in (train_split, val_split, test_split):
+        for split in (self.train_split, self.val_split, self.test_split):
             parse_split(split)  # bad split strings fail at once, not after the first epoch
 
     def load_split(self, split: str) -> DetectionAnnotations:

@@ -15,12 +15,13 @@ import albumentations as A
 import cv2
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset, Sampler
 
 from resnet_tasks.data.common import (
     BaseDataModule,
     EvalShardSampler,
+    image_size_hw,
+    item_and_seed,
     list_images,
     read_image,
     stems_from_list,
@@ -80,19 +81,6 @@ def valid_label_table(num_classes: int, ignore_index: int = IGNORE_INDEX) -> np.
     table[:num_classes] = True
     table[ignore_index] = True
     return table
-
-
-def image_size_hw(path: str | Path) -> tuple[int, int]:
-    """(height, width) of an image as the decoder will return it, from the header only (EXIF rotation too)."""
-    try:
-        with Image.open(path) as image:
-            width, height = image.size
-            # OpenCV's decoder applies the EXIF orientation; orientations 5-8 swap the axes.
-            if image.getexif().get(0x0112, 1) in (5, 6, 7, 8):
-                width, height = height, width
-    except Exception as error:
-        raise UserError(f"Corrupt or unreadable image {path} ({type(error).__name__}: {error}).") from None
-    return height, width
 
 
 # ---------------------------------------------------------------------------------------------- transforms
@@ -196,9 +184,12 @@ class SegmentationDataset(Dataset):
             )
         return image, mask
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
+        index, seed = item_and_seed(item)
         image, mask = self.load(index)
         if self.train:
+            if seed is not None:
+                self.transform.set_random_seed(seed)
             out = self.transform(image=image, mask=mask)
             return {"image": to_tensor(out["image"]), "mask": torch.from_numpy(np.ascontiguousarray(out["mask"]))}
         network_input = self.transform(image=image)["image"]
@@ -292,11 +283,7 @@ class VOCSegmentationDataModule(BaseDataModule):
 
     def __init__(
         self,
-        root: str | None = None,
         batch_size: int = 8,
-        eval_batch_size: int | None = None,
-        num_workers: int = 4,
-        predict_path: str | None = None,
         train_split: str = "train",
         val_split: str = "val",
         crop_size: int = 480,
@@ -307,13 +294,9 @@ class VOCSegmentationDataModule(BaseDataModule):
         std: tuple[float, float, float] = IMAGENET_STD,
         class_names: list[str] | None = None,
         year: str = "VOC2012",
-        pin_memory: bool = True,
-        seed: int = 0,
-        max_skipped_fraction: float = 0.01,
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            root, batch_size, eval_batch_size, num_workers, predict_path, pin_memory, seed, max_skipped_fraction
-        )
+        super().__init__(batch_size=batch_size, **kwargs)
         self.train_split = train_split
         self.val_split = val_split
         self.crop_size = crop_size
@@ -326,7 +309,7 @@ class VOCSegmentationDataModule(BaseDataModule):
         names = list(class_names) if class_names else list(VOC_SEGMENTATION_CLASSES)
         if len(names) > IGNORE_INDEX:
             raise UserError(f"--data.class_names has {len(names)} names; at most {IGNORE_INDEX} fit a PNG mask.")
-        if predict_path is None or root is not None:
+        if self.predict_path is None or self.root is not None:
             # (Predicting on a folder of images alone, the label space is the model's: its weights or checkpoint.)
             self.label_space = LabelSpace(tuple(names), background=names[0] == BACKGROUND, ignore_index=IGNORE_INDEX)
         self.datasets: dict[str, Dataset] = {}
@@ -473,19 +456,10 @@ class ShapesSegmentationDataModule(VOCSegmentationDataModule):
     def __init__(
         self,
         root: str | None = None,
-        batch_size: int = 8,
-        eval_batch_size: int | None = None,
         num_workers: int = 1,
-        predict_path: str | None = None,
-        train_split: str = "train",
-        val_split: str = "val",
         crop_size: int = 128,
-        scale_range: tuple[float, float] = (0.5, 2.0),
-        hflip: bool = True,
         eval_size: int | None = None,
-        pin_memory: bool = True,
-        seed: int = 0,
-        max_skipped_fraction: float = 0.01,
+        **kwargs: Any,
     ) -> None:
         from resnet_tasks.data.shapes import SHAPE_CLASSES, ensure_shapes
 
@@ -493,18 +467,9 @@ class ShapesSegmentationDataModule(VOCSegmentationDataModule):
             root = str(ensure_shapes() / "voc")
         super().__init__(
             root=root,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
             num_workers=num_workers,
-            predict_path=predict_path,
-            train_split=train_split,
-            val_split=val_split,
             crop_size=crop_size,
-            scale_range=scale_range,
-            hflip=hflip,
             eval_size=eval_size,
             class_names=[BACKGROUND, *SHAPE_CLASSES],
-            pin_memory=pin_memory,
-            seed=seed,
-            max_skipped_fraction=max_skipped_fraction,
+            **kwargs,
         )
