@@ -15,6 +15,26 @@ import torch
 from timing import Sizes, median, synchronize
 
 
+def dense_batches(
+    count: int,
+    image_shape: tuple[int, ...],
+    target_key: str,
+    target_shape: tuple[int, ...],
+    num_classes: int,
+    dtype: torch.dtype,
+    generator: torch.Generator,
+    device: torch.device,
+) -> list[dict[str, torch.Tensor]]:
+    """`count` batches of random images with random class targets (labels or masks) under `target_key`."""
+    return [
+        {
+            "image": torch.randn(*image_shape, generator=generator).to(device),
+            target_key: torch.randint(0, num_classes, target_shape, generator=generator, dtype=dtype).to(device),
+        }
+        for _ in range(count)
+    ]
+
+
 def task_and_batches(task: str, sizes: Sizes, device: torch.device, count: int) -> tuple[Any, list[Any]]:
     """A task module (resnet18 on CPU, resnet50 on CUDA) and `count` pre-generated training batches."""
     from resnet_tasks.backbones import BackboneConfig
@@ -29,13 +49,7 @@ def task_and_batches(task: str, sizes: Sizes, device: torch.device, count: int) 
 
         batch, size = sizes.classification if device.type == "cpu" else (64, 224)
         module = ClassificationTask(num_classes=10, backbone=backbone, scheduler=scheduler)
-        for _ in range(count):
-            batches.append(
-                {
-                    "image": torch.randn(batch, 3, size, size, generator=generator).to(device),
-                    "label": torch.randint(0, 10, (batch,), generator=generator).to(device),
-                }
-            )
+        batches = dense_batches(count, (batch, 3, size, size), "label", (batch,), 10, torch.int64, generator, device)
     elif task == "detection":
         from resnet_tasks.tasks.detection import DetectionTask
 
@@ -62,13 +76,8 @@ def task_and_batches(task: str, sizes: Sizes, device: torch.device, count: int) 
 
         batch, size = sizes.segmentation if device.type == "cpu" else (8, 480)
         module = SegmentationTask(num_classes=5, backbone=backbone, scheduler=scheduler)
-        for _ in range(count):
-            batches.append(
-                {
-                    "image": torch.randn(batch, 3, size, size, generator=generator).to(device),
-                    "mask": torch.randint(0, 5, (batch, size, size), generator=generator, dtype=torch.uint8).to(device),
-                }
-            )
+        mask_shape = (batch, size, size)
+        batches = dense_batches(count, (batch, 3, size, size), "mask", mask_shape, 5, torch.uint8, generator, device)
     else:
         raise ValueError(task)
     return module, batches

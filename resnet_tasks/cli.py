@@ -114,12 +114,8 @@ class ResNetTasksCLI(LightningCLI):
         if logger_setting is None or logger_setting is True:
             root = config.get("default_root_dir") or os.getcwd()
             csv_logger = CSVLogger(root, name="lightning_logs")
-            loggers: list[Any] = [csv_logger]
-            try:
-                loggers.append(TensorBoardLogger(root, name="tensorboard", version=csv_logger.version))
-            except ModuleNotFoundError:  # tensorboard is optional at run time
-                pass
-            kwargs["logger"] = loggers
+            tensorboard = TensorBoardLogger(root, name="tensorboard", version=csv_logger.version)
+            kwargs["logger"] = [csv_logger, tensorboard]
             has_logger = True
         else:
             has_logger = logger_setting is not False
@@ -278,6 +274,13 @@ def plot(args: list[str]) -> None:
     from resnet_tasks.plot import main as plot_main
 
     plot_main(args)
+
+
+@register("export", "export a trained model to ONNX: export --config FILE (--ckpt_path CKPT | --model.weights SPEC)")
+def export(args: list[str]) -> None:
+    from resnet_tasks.export import main as export_main
+
+    export_main(args)
 
 
 def usage() -> str:

@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from resnet_tasks.config import as_config
 from resnet_tasks.errors import UserError
 
 BACKGROUND = "background"
@@ -106,15 +107,7 @@ class LabelSpace:
     @classmethod
     def coerce(cls, value: LabelSpace | Mapping[str, Any] | None) -> LabelSpace | None:
         """Accept a LabelSpace, its `to_dict()` form (hyper-parameters, YAML) or None."""
-        if value is None or isinstance(value, LabelSpace):
-            return value
-        if isinstance(value, Mapping):
-            known = {f.name for f in dataclasses.fields(cls)}
-            unknown = sorted(set(value) - known)
-            if unknown:
-                raise UserError(f"Unknown label space key(s) {unknown}; valid keys: {sorted(known)}.")
-            return cls(**{**value, "class_names": tuple(value.get("class_names") or ())})
-        raise UserError(f"Expected a label space (class_names, category_ids, background), got {value!r}.")
+        return None if value is None else as_config(value, cls)
 
 
 def upgrade_hyperparameters(task: str, hparams: Mapping[str, Any], info: Mapping[str, Any]) -> dict[str, Any]:

@@ -147,7 +147,7 @@ def test_cifar_split_and_transforms(tmp_path: Path) -> None:
     root = _write_cifar10(tmp_path)
     data = CIFARDataModule(root=str(root), val_size=10, num_workers=0, batch_size=4)
     assert data.num_classes == 10 and data.label_space.name(3) == "class3"
-    train, val, test = data._split("train"), data._split("val"), data._split("test")
+    train, val, test = data.dataset("train"), data.dataset("val"), data.dataset("test")
     assert (len(train), len(val), len(test)) == (50, 10, 20)
     item = train[0]
     assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
@@ -155,14 +155,14 @@ def test_cifar_split_and_transforms(tmp_path: Path) -> None:
     raw = test.images[0][0, 0, 0] / 255.0
     assert test[0]["image"][0, 0, 0].item() == pytest.approx((raw - 0.4914) / 0.2470, abs=1e-5)
     # the held-out split is disjoint from training and stable across instances
-    again = CIFARDataModule(root=str(root), val_size=10, num_workers=0)._split("val")
+    again = CIFARDataModule(root=str(root), val_size=10, num_workers=0).dataset("val")
     assert np.array_equal(val.images, again.images)
 
 
 def test_cifar_missing_files_are_explained(tmp_path: Path) -> None:
     data = CIFARDataModule(root=str(tmp_path), num_workers=0)
     with pytest.raises(UserError, match="cifar-10-batches-py"):
-        data._split("train")
+        data.dataset("train")
 
 
 def test_cifar_config_trains_a_step(run_cli, tmp_path: Path) -> None:

@@ -163,7 +163,7 @@ def test_mask_size_mismatch_names_the_file(voc_root: Path) -> None:
     data = module(voc_root)
     data.setup("fit")
     with pytest.raises(UserError, match=f"{stem}.png.*size"):
-        data._dataset("train")[0]
+        data.dataset("train")[0]
 
 
 def test_mask_values_outside_the_classes_name_the_file(voc_root: Path) -> None:
@@ -176,7 +176,7 @@ def test_mask_values_outside_the_classes_name_the_file(voc_root: Path) -> None:
     data = module(voc_root)
     data.setup("validate")
     with pytest.raises(UserError, match=rf"{stem}\.png has values \[42\]"):
-        data._dataset("val")[0]
+        data.dataset("val")[0]
 
 
 def test_missing_layout_errors_name_what_is_missing(tmp_path: Path, voc_root: Path) -> None:
@@ -220,7 +220,7 @@ def test_train_aug_from_sbd_mat_files(voc_root: Path) -> None:
     assert np.array_equal(read_sbd_mat(sbd / "cls" / f"{extra[0][0]}.mat"), extra[0][1])
     data = module(voc_root, train_split="train_aug")
     data.setup("fit")
-    dataset = data._dataset("train")
+    dataset = data.dataset("train")
     stems = [Path(p).stem for p in dataset.images]
     train = (voc / "ImageSets/Segmentation/train.txt").read_text().split()
     assert sorted(stems) == sorted(train + [stem for stem, _ in extra])
@@ -240,14 +240,14 @@ def test_train_aug_from_segmentation_class_aug(voc_root: Path) -> None:
     val = set((voc / "ImageSets/Segmentation/val.txt").read_text().split())
     data = module(voc_root, train_split="train_aug")
     data.setup("fit")
-    dataset = data._dataset("train")
+    dataset = data.dataset("train")
     stems = {Path(p).stem for p in dataset.images}
     assert stems and not stems & val
     assert all("SegmentationClassAug" in str(m) for m in dataset.masks)
     (voc / "ImageSets/Segmentation/train_aug.txt").write_text(sorted(stems)[0] + "\n")
     listed = module(voc_root, train_split="train_aug")
     listed.setup("fit")
-    assert len(listed._dataset("train")) == 1
+    assert len(listed.dataset("train")) == 1
 
 
 def test_predict_folder_needs_no_root(tmp_path: Path, voc_root: Path) -> None:

@@ -7,7 +7,9 @@ from .registry import (
     backbone_table,
     build_backbone,
     get_spec,
+    layout_hint,
     list_backbones,
+    load_backbone_weights,
 )
 from .resnet import NORMS, ResNetBackbone
 from .weights import (
@@ -17,7 +19,6 @@ from .weights import (
     hub_checkpoint_path,
     is_torchvision_weights_name,
     label_space_of,
-    load_backbone_weights,
     load_state_dict_into,
     load_weights_spec,
     strip_wrapper_prefixes,
@@ -35,6 +36,7 @@ __all__ = [
     "compare_state_dict",
     "extract_backbone_state_dict",
     "is_torchvision_weights_name",
+    "layout_hint",
     "label_space_of",
     "load_backbone_weights",
     "get_spec",

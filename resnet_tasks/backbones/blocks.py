@@ -99,9 +99,9 @@ class BasicBlock(nn.Module):
             out += x if self.downsample is None else self.downsample(x)
         return self.relu(out)
 
-    def last_norm(self) -> nn.Module:
-        """The norm layer that ends the residual branch (zeroed by ``zero_init_residual``)."""
-        return self.bn2
+    def zero_init_last(self) -> None:
+        """Zero the norm that ends the residual branch: the block starts as the identity (``zero_init_residual``)."""
+        nn.init.zeros_(self.bn2.weight)
 
 
 class Bottleneck(nn.Module):
@@ -143,9 +143,9 @@ class Bottleneck(nn.Module):
             out += x if self.downsample is None else self.downsample(x)
         return self.relu(out)
 
-    def last_norm(self) -> nn.Module:
-        """The norm layer that ends the residual branch (zeroed by ``zero_init_residual``)."""
-        return self.bn3
+    def zero_init_last(self) -> None:
+        """Zero the norm that ends the residual branch: the block starts as the identity (``zero_init_residual``)."""
+        nn.init.zeros_(self.bn3.weight)
 
 
 class PreActBasicBlock(nn.Module):
@@ -189,9 +189,9 @@ class PreActBasicBlock(nn.Module):
             out += x if self.downsample is None else self.downsample(pre)
         return out
 
-    def last_conv(self) -> nn.Conv2d:
-        """The convolution that ends the residual branch (zeroed by ``zero_init_residual``)."""
-        return self.conv2
+    def zero_init_last(self) -> None:
+        """Zero the convolution that ends the residual branch (no norm follows it in a pre-activation block)."""
+        nn.init.zeros_(self.conv2.weight)
 
 
 class PreActBottleneck(nn.Module):
@@ -233,9 +233,9 @@ class PreActBottleneck(nn.Module):
             out += x if self.downsample is None else self.downsample(pre)
         return out
 
-    def last_conv(self) -> nn.Conv2d:
-        """The convolution that ends the residual branch (zeroed by ``zero_init_residual``)."""
-        return self.conv3
+    def zero_init_last(self) -> None:
+        """Zero the convolution that ends the residual branch (no norm follows it in a pre-activation block)."""
+        nn.init.zeros_(self.conv3.weight)
 
 
 BLOCKS: dict[str, type[nn.Module]] = {

@@ -12,7 +12,7 @@ import torch
 from ..errors import UserError
 from .blocks import BLOCKS
 from .resnet import ResNetBackbone, count_parameters
-from .weights import load_backbone_weights
+from .weights import LoadReport, extract_backbone_state_dict, load_state_dict_into, load_weights_spec
 
 IMAGENET_WIDTHS = (64, 128, 256, 512)
 CIFAR_WIDTHS = (16, 32, 64)
@@ -31,7 +31,6 @@ class BackboneSpec:
     width_per_group: int = 64
     shortcut: bool = True
     shortcut_type: str = "B"  # "A": parameter-free zero padding (CIFAR), "B": projection
-    torchvision_weights: str | None = None  # torchvision's weights enum class, for messages
 
     def conv2_shape(self) -> tuple[int, int]:
         """(out, in) channels of ``layer1.0.conv2``: identifies width and groups in a state dict."""
@@ -52,8 +51,7 @@ def _specs() -> dict[str, BackboneSpec]:
         200: ("bottleneck", (3, 24, 36, 3)),
     }
     for depth, (block, layers) in imagenet.items():
-        enum = f"ResNet{depth}_Weights" if depth != 200 else None
-        specs.append(BackboneSpec(f"resnet{depth}", block, layers, torchvision_weights=enum))
+        specs.append(BackboneSpec(f"resnet{depth}", block, layers))
     specs += [
         BackboneSpec(
             "resnext50_32x4d",
@@ -61,7 +59,6 @@ def _specs() -> dict[str, BackboneSpec]:
             (3, 4, 6, 3),
             groups=32,
             width_per_group=4,
-            torchvision_weights="ResNeXt50_32X4D_Weights",
         ),
         BackboneSpec(
             "resnext101_32x8d",
@@ -69,7 +66,6 @@ def _specs() -> dict[str, BackboneSpec]:
             (3, 4, 23, 3),
             groups=32,
             width_per_group=8,
-            torchvision_weights="ResNeXt101_32X8D_Weights",
         ),
         BackboneSpec(
             "resnext101_64x4d",
@@ -77,21 +73,18 @@ def _specs() -> dict[str, BackboneSpec]:
             (3, 4, 23, 3),
             groups=64,
             width_per_group=4,
-            torchvision_weights="ResNeXt101_64X4D_Weights",
         ),
         BackboneSpec(
             "wide_resnet50_2",
             "bottleneck",
             (3, 4, 6, 3),
             width_per_group=128,
-            torchvision_weights="Wide_ResNet50_2_Weights",
         ),
         BackboneSpec(
             "wide_resnet101_2",
             "bottleneck",
             (3, 4, 23, 3),
             width_per_group=128,
-            torchvision_weights="Wide_ResNet101_2_Weights",
         ),
     ]
     for depth, (block, layers) in imagenet.items():
@@ -241,6 +234,29 @@ def guess_backbone(keys_and_shapes: Mapping[str, tuple[int, ...]]) -> str | None
     return None
 
 
+def layout_hint(state_dict: Mapping[str, Any]) -> str:
+    """'; the file looks like resnet18 weights' when a registered backbone's layout is recognised, else ''."""
+    shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
+    guess = guess_backbone(shapes)
+    if guess is None:
+        # Whole-model files: look under the prefix of the first ResNet stem we find.
+        for key in shapes:
+            if key.endswith("layer1.0.conv1.weight"):
+                prefix = key[: -len("layer1.0.conv1.weight")]
+                guess = guess_backbone(
+                    {k[len(prefix) :]: s for k, s in shapes.items() if k.startswith(prefix)}
+                )
+                break
+    return f"; the file looks like {guess} weights" if guess else ""
+
+
+def load_backbone_weights(backbone: torch.nn.Module, spec: str, what: str = "backbone") -> LoadReport:
+    """Load the backbone part of weights `spec` (any layout: torchvision classifier or detector, our .ckpt)."""
+    state_dict, _ = load_weights_spec(spec)
+    part = extract_backbone_state_dict(state_dict, backbone)
+    return load_state_dict_into(backbone, part, source=spec, what=what, explain=layout_hint)
+
+
 def backbone_table() -> list[dict]:
     """One row per backbone: name, parameters in millions, per-stage channels and strides (at stride 32)."""
     rows = []
@@ -261,10 +277,13 @@ def backbone_table() -> list[dict]:
 
 __all__ = [
     "BACKBONE_SPECS",
+    "BackboneConfig",
     "BackboneSpec",
     "backbone_table",
     "build_backbone",
     "get_spec",
     "guess_backbone",
+    "layout_hint",
+    "load_backbone_weights",
     "list_backbones",
 ]

@@ -16,9 +16,8 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from ..errors import UserError
 from .blocks import (
+    BLOCKS,
     NormFactory,
-    PreActBasicBlock,
-    PreActBottleneck,
     ZeroPadShortcut,
     conv1x1,
     conv3x3,
@@ -27,6 +26,8 @@ from .blocks import (
 from .weights import LoadReport
 
 NORMS = ("bn", "frozen_bn", "sync_bn", "gn")
+# Every residual block has zero_init_last() (timm's protocol): zero_init_residual calls it.
+RESIDUAL_BLOCKS = tuple(BLOCKS.values())
 
 
 def group_norm(num_channels: int, groups: int = 32) -> nn.GroupNorm:
@@ -216,10 +217,8 @@ class ResNetBackbone(nn.Module):
         if zero_init_residual:
             # Each residual branch starts at zero, so every block starts as the identity (Goyal et al. 2017).
             for module in self.modules():
-                if isinstance(module, (PreActBasicBlock, PreActBottleneck)):
-                    nn.init.zeros_(module.last_conv().weight)
-                elif hasattr(module, "last_norm"):
-                    nn.init.zeros_(module.last_norm().weight)
+                if isinstance(module, RESIDUAL_BLOCKS):
+                    module.zero_init_last()
 
     def frozen_modules(self) -> list[nn.Module]:
         """The stem and the first ``frozen_stages`` stages (and the final norm when all stages are frozen)."""

@@ -11,7 +11,7 @@ import logging
 import pickle
 import re
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -291,24 +291,6 @@ def extract_backbone_state_dict(state_dict: Mapping[str, Any], backbone: nn.Modu
     return {key[len(prefix) :]: value for key, value in state_dict.items() if key.startswith(prefix)}
 
 
-def _layout_hint(state_dict: Mapping[str, Any]) -> str:
-    """' (the file looks like resnet18 weights)' when a registered backbone's layout is recognised."""
-    from .registry import guess_backbone  # late import: registry imports this module
-
-    shapes = {k: tuple(v.shape) for k, v in state_dict.items() if isinstance(v, torch.Tensor)}
-    guess = guess_backbone(shapes)
-    if guess is None:
-        # Whole-model files: look under the prefix of the first ResNet stem we find.
-        for key in shapes:
-            if key.endswith("layer1.0.conv1.weight"):
-                prefix = key[: -len("layer1.0.conv1.weight")]
-                guess = guess_backbone(
-                    {k[len(prefix) :]: s for k, s in shapes.items() if k.startswith(prefix)}
-                )
-                break
-    return f"; the file looks like {guess} weights" if guess else ""
-
-
 def compare_state_dict(
     module: nn.Module, state_dict: Mapping[str, Any], *, source: str, what: str = "model"
 ) -> tuple[LoadReport, dict[str, Any]]:
@@ -339,17 +321,23 @@ def compare_state_dict(
 
 
 def load_state_dict_into(
-    module: nn.Module, state_dict: Mapping[str, Any], *, source: str, what: str = "model"
+    module: nn.Module,
+    state_dict: Mapping[str, Any],
+    *,
+    source: str,
+    what: str = "model",
+    explain: Callable[[Mapping[str, Any]], str] | None = None,
 ) -> LoadReport:
     """Load every key of ``state_dict`` whose name and shape match ``module``'s; return a ``LoadReport``.
 
     Strips ``module.`` / ``_orig_mod.`` prefixes. Raises UserError with the key-match summary when any key of
-    ``module`` is missing from the file or has another shape; extra keys in the file are only reported.
+    ``module`` is missing from the file or has another shape (``explain`` may add what the file looks like);
+    extra keys in the file are only reported.
     """
     report, loadable = compare_state_dict(module, state_dict, source=source, what=what)
     if not report.ok:
         raise UserError(
-            f"weights {source} do not fit the {what}{_layout_hint(state_dict)}.\n{report.summary()}\n"
+            f"weights {source} do not fit the {what}{explain(state_dict) if explain else ''}.\n{report.summary()}\n"
             f"Pass weights made for this {what} (or choose the architecture the file was trained with)."
         )
     # strict=False only because tolerated buffers (num_batches_tracked) may be absent; all else is checked.
@@ -358,20 +346,11 @@ def load_state_dict_into(
     return report
 
 
-def load_backbone_weights(backbone: nn.Module, spec: str, what: str = "backbone") -> LoadReport:
-    """Load the backbone part of weights `spec` (any layout: torchvision classifier or detector, our .ckpt)."""
-    state_dict, _ = load_weights_spec(spec)
-    report = load_state_dict_into(backbone, extract_backbone_state_dict(state_dict, backbone), source=spec, what=what)
-    logger.info("%s", report.summary())
-    return report
-
-
 __all__ = [
     "LoadReport",
     "compare_state_dict",
     "is_torchvision_weights_name",
     "label_space_of",
-    "load_backbone_weights",
     "extract_backbone_state_dict",
     "hub_checkpoint_path",
     "load_state_dict_into",

@@ -9,10 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from torch.utils.data import Dataset
 
 from resnet_tasks.data.common import IMAGE_EXTENSIONS, BaseDataModule, item_and_seed, list_images, read_image
+from resnet_tasks.data.shapes import shapes_layout
 from resnet_tasks.data.transforms import (
     CIFAR10_MEAN,
     CIFAR10_STD,
@@ -155,7 +155,7 @@ class ImageFolderDataModule(BaseDataModule):
         transform = self.train_transform() if train else self.eval_transform()
         return ImageListDataset(files, labels, transform, root=root)
 
-    def _dataset(self, key: str) -> Dataset:
+    def dataset(self, key: str) -> Dataset:
         if key not in self.datasets:
             if key == "train":
                 self.datasets[key] = self.split_dataset("train", train=True)
@@ -172,20 +172,8 @@ class ImageFolderDataModule(BaseDataModule):
                         files, [-1] * len(files), self.eval_transform(), root=folder
                     )
                 else:
-                    self.datasets[key] = self._dataset("val")
+                    self.datasets[key] = self.dataset("val")
         return self.datasets[key]
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self.loader(self._dataset("train"), train=True)
-
-    def val_dataloader(self) -> torch.utils.data.DataLoader:
-        return self.loader(self._dataset("val"), train=False)
-
-    def test_dataloader(self) -> torch.utils.data.DataLoader:
-        return self.loader(self._dataset("test"), train=False)
-
-    def predict_dataloader(self) -> torch.utils.data.DataLoader:
-        return self.loader(self._dataset("predict"), train=False)
 
 
 class ImageNetDataModule(ImageFolderDataModule):
@@ -209,12 +197,8 @@ class ShapesClassificationDataModule(ImageFolderDataModule):
         train_scale: tuple[float, float] = (0.8, 1.0),
         **kwargs: Any,
     ) -> None:
-        if root is None:
-            from resnet_tasks.data.shapes import ensure_shapes
-
-            root = str(ensure_shapes() / "imagefolder")
         super().__init__(
-            root=root,
+            root=root if root is not None else shapes_layout("imagefolder"),
             num_workers=num_workers,
             crop_size=crop_size,
             resize_size=resize_size,
@@ -328,8 +312,16 @@ class CIFARDataModule(BaseDataModule):
             for train in (True, False):
                 dataset(str(self.require_root()), train=train, download=True)
 
-    def _split(self, key: str) -> Dataset:
+    def dataset(self, key: str) -> Dataset:
+        """The train / val (held out of train) / test split, or `predict_path`'s images (else val) for predict."""
         if key in self.datasets:
+            return self.datasets[key]
+        if key == "predict":
+            if self.predict_path is None:
+                return self.dataset("val")
+            files = list_images(self.predict_path)
+            transform = imagenet_eval_transform(32, 32, self.mean, self.std)
+            self.datasets[key] = ImageListDataset(files, [-1] * len(files), transform, root=Path(self.predict_path))
             return self.datasets[key]
         root = self.require_root()
         train_tf = cifar_train_transform(self.mean, self.std)
@@ -350,20 +342,3 @@ class CIFARDataModule(BaseDataModule):
             dataset = ArrayImageDataset(images, labels, eval_tf, "test")
         self.datasets[key] = dataset
         return dataset
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self.loader(self._split("train"), train=True)
-
-    def val_dataloader(self) -> torch.utils.data.DataLoader:
-        return self.loader(self._split("val"), train=False)
-
-    def test_dataloader(self) -> torch.utils.data.DataLoader:
-        return self.loader(self._split("test"), train=False)
-
-    def predict_dataloader(self) -> torch.utils.data.DataLoader:
-        if self.predict_path is not None:
-            folder = Path(self.predict_path)
-            files = list_images(folder)
-            tf = imagenet_eval_transform(32, 32, self.mean, self.std)
-            return self.loader(ImageListDataset(files, [-1] * len(files), tf, root=folder), train=False)
-        return self.loader(self._split("val"), train=False)

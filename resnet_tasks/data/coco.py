@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from resnet_tasks.data.detection import AnnotationBuilder, DetectionAnnotations, DetectionDataModule
+from resnet_tasks.data.shapes import shapes_layout
 from resnet_tasks.errors import UserError
 
 COCO_LAYOUT = """Expected COCO layout under --data.root:
@@ -184,7 +185,5 @@ class ShapesDetectionDataModule(CocoDetectionDataModule):
         self, root: str | None = None, batch_size: int = 8, num_workers: int = 2, **kwargs: Any
     ) -> None:
         if root is None and kwargs.get("predict_path") is None:
-            from resnet_tasks.data.shapes import ensure_shapes
-
-            root = str(ensure_shapes() / "coco")
+            root = shapes_layout("coco")
         super().__init__(root=root, batch_size=batch_size, num_workers=num_workers, **kwargs)

@@ -359,6 +359,22 @@ class BaseDataModule(L.LightningDataModule):
         """Remember the saved position; the next training loader's batch sampler starts there."""
         self._resume = dict(state_dict) or None
 
+    def dataset(self, key: str) -> torch.utils.data.Dataset:
+        """The dataset for `key` ("train", "val", "test", "predict"), built on first use."""
+        raise NotImplementedError(f"{type(self).__name__} must implement dataset()")
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return self.loader(self.dataset("train"), train=True)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return self.loader(self.dataset("val"), train=False)
+
+    def test_dataloader(self) -> torch.utils.data.DataLoader:
+        return self.loader(self.dataset("test"), train=False)
+
+    def predict_dataloader(self) -> torch.utils.data.DataLoader:
+        return self.loader(self.dataset("predict"), train=False)
+
     def require_root(self) -> Path:
         """The dataset root; UserError when it was not given or does not exist."""
         if self.root is None:

@@ -544,6 +544,11 @@ def default_shapes_root() -> Path:
     return Path(configured) if configured else Path.cwd() / "data" / "shapes"
 
 
+def shapes_layout(layout: str) -> str:
+    """The folder of one layout ("imagefolder", "coco", "voc") of the default shapes dataset, generated if needed."""
+    return str(ensure_shapes() / layout)
+
+
 def ensure_shapes(root: str | Path | None = None, **kwargs: int) -> Path:
     """Return the shapes dataset folder, generating it first when missing or made with other parameters.
 

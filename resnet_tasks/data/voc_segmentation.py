@@ -27,6 +27,7 @@ from resnet_tasks.data.common import (
     stems_from_list,
 )
 from resnet_tasks.data.masks import read_mask
+from resnet_tasks.data.shapes import SHAPE_CLASSES, shapes_layout
 from resnet_tasks.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from resnet_tasks.errors import UserError
 from resnet_tasks.labels import BACKGROUND, IGNORE_INDEX, LabelSpace
@@ -401,7 +402,7 @@ class VOCSegmentationDataModule(BaseDataModule):
     def eval_transform(self) -> A.Compose:
         return segmentation_eval_transform(self.eval_size, self.mean, self.std)
 
-    def _dataset(self, key: str) -> Dataset:
+    def dataset(self, key: str) -> Dataset:
         if key not in self.datasets:
             if key == "train":
                 images, masks = self.split_files(self.train_split)
@@ -419,14 +420,14 @@ class VOCSegmentationDataModule(BaseDataModule):
                     files, None, self.eval_transform(), train=False, num_classes=None
                 )
             else:
-                self.datasets[key] = self._dataset("val")
+                self.datasets[key] = self.dataset("val")
         return self.datasets[key]
 
     def setup(self, stage: str) -> None:
         # Resolve the files now, so a bad layout fails before any training starts.
         keys = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
         for key in keys.get(stage, ()):
-            self._dataset(key)
+            self.dataset(key)
 
     def _eval_loader(self, dataset: SegmentationDataset) -> torch.utils.data.DataLoader:
         sizes = [image_size_hw(path) for path in dataset.images]
@@ -434,16 +435,16 @@ class VOCSegmentationDataModule(BaseDataModule):
         return self.loader(dataset, train=False, collate_fn=collate_eval, batch_sampler=sampler)
 
     def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self.loader(self._dataset("train"), train=True, collate_fn=collate_train)
+        return self.loader(self.dataset("train"), train=True, collate_fn=collate_train)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._eval_loader(self._dataset("val"))
+        return self._eval_loader(self.dataset("val"))
 
     def test_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._eval_loader(self._dataset("test"))
+        return self._eval_loader(self.dataset("test"))
 
     def predict_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._eval_loader(self._dataset("predict"))
+        return self._eval_loader(self.dataset("predict"))
 
 
 class ShapesSegmentationDataModule(VOCSegmentationDataModule):
@@ -461,12 +462,8 @@ class ShapesSegmentationDataModule(VOCSegmentationDataModule):
         eval_size: int | None = None,
         **kwargs: Any,
     ) -> None:
-        from resnet_tasks.data.shapes import SHAPE_CLASSES, ensure_shapes
-
-        if root is None:
-            root = str(ensure_shapes() / "voc")
         super().__init__(
-            root=root,
+            root=root if root is not None else shapes_layout("voc"),
             num_workers=num_workers,
             crop_size=crop_size,
             eval_size=eval_size,

@@ -7,9 +7,11 @@ from collections.abc import Sequence
 import torch
 from torchmetrics import Metric
 
+from resnet_tasks.labels import IGNORE_INDEX
+
 
 def confusion_counts(
-    preds: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255
+    preds: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """(C, C) int64 confusion matrix of one batch: rows = target class, columns = predicted class.
 
@@ -72,7 +74,9 @@ class SegmentationMetrics(Metric):
     higher_is_better = True
     is_differentiable = False
 
-    def __init__(self, num_classes: int, class_names: Sequence[str] | None = None, ignore_index: int = 255) -> None:
+    def __init__(
+        self, num_classes: int, class_names: Sequence[str] | None = None, ignore_index: int = IGNORE_INDEX
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.ignore_index = ignore_index
@@ -84,7 +88,7 @@ class SegmentationMetrics(Metric):
         )
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        """Add a batch: `preds` and `target` are integer class maps of the same shape (255 = ignore)."""
+        """Add a batch: `preds` and `target` are integer class maps of the same shape (IGNORE_INDEX = ignore)."""
         if preds.shape != target.shape:
             raise ValueError(f"preds {tuple(preds.shape)} and target {tuple(target.shape)} differ in shape")
         self.confusion += confusion_counts(preds, target, self.num_classes, self.ignore_index)

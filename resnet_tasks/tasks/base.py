@@ -17,18 +17,19 @@ from resnet_tasks.backbones import (
     compare_state_dict,
     is_torchvision_weights_name,
     label_space_of,
+    layout_hint,
     load_backbone_weights,
     load_state_dict_into,
     load_weights_spec,
     strip_wrapper_prefixes,
 )
 from resnet_tasks.callbacks import RNGState, SkipReport
+from resnet_tasks.config import as_config
 from resnet_tasks.errors import UserError
 from resnet_tasks.labels import LabelSpace, upgrade_hyperparameters
 from resnet_tasks.tasks.optim import (
     OptimizerConfig,
     SchedulerConfig,
-    as_config,
     build_optimizer,
     build_scheduler,
     parameter_groups,
@@ -190,7 +191,9 @@ class TaskBase(L.LightningModule):
         if self.weights:
             state_dict, _ = load_weights_spec(self.weights)
             own_keys = self.model_state_dict(strip_wrapper_prefixes(state_dict))
-            load_state_dict_into(self, own_keys, source=self.weights, what=f"{self.task_name} model")
+            load_state_dict_into(
+                self, own_keys, source=self.weights, what=f"{self.task_name} model", explain=layout_hint
+            )
         elif self.backbone_config.weights:
             load_backbone_weights(self.backbone_module(), self.backbone_config.weights)
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
 from torch import nn
-
-from resnet_tasks.errors import UserError
 
 
 @dataclass
@@ -43,23 +40,6 @@ class SchedulerConfig:
     gamma: float = 0.1
     power: float = 0.9
     min_lr: float = 0.0
-
-
-def as_config(value: Any, cls: type) -> Any:
-    """A config group (dataclass `cls`) from an instance, a dict (a checkpoint's hyper-parameters) or None."""
-    if value is None:
-        return cls()
-    if isinstance(value, cls):
-        return value
-    if isinstance(value, dict):
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(value) - known)
-        if unknown:
-            raise UserError(f"Unknown {cls.__name__} key(s) {unknown}; valid keys: {sorted(known)}.")
-        return cls(**value)
-    if dataclasses.is_dataclass(value):
-        return cls(**dataclasses.asdict(value))
-    raise UserError(f"Expected a mapping for {cls.__name__}, got {value!r}.")
 
 
 class ScheduleFactor:

@@ -13,14 +13,14 @@ from torchvision.utils import draw_segmentation_masks
 
 from resnet_tasks.data.common import distributed_rank_and_size, read_image
 from resnet_tasks.data.masks import VOC_PALETTE, save_palette_mask
-from resnet_tasks.labels import LabelSpace
+from resnet_tasks.labels import IGNORE_INDEX, LabelSpace
 from resnet_tasks.writers import PredictionWriter, gather_objects
 
 
 def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.5) -> np.ndarray:
     """The image with each predicted non-background class painted in its VOC colour."""
     labels = torch.from_numpy(mask.astype(np.int64))
-    classes = [int(c) for c in torch.unique(labels) if 0 < int(c) < 255]
+    classes = [int(c) for c in torch.unique(labels) if 0 < int(c) < IGNORE_INDEX]
     picture = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
     if not classes:
         return image
