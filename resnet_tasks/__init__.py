@@ -23,6 +23,7 @@ _EXPORTS = {
     "VOCDetectionDataModule": "resnet_tasks.data.voc",
     "VOCSegmentationDataModule": "resnet_tasks.data.voc_segmentation",
     "ShapesSegmentationDataModule": "resnet_tasks.data.voc_segmentation",
+    "CocoSegmentationDataModule": "resnet_tasks.data.coco_segmentation",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -10,8 +10,9 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from torch.optim.swa_utils import get_ema_avg_fn
 
 INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
 # Where RNGState keeps the global RNG streams in a checkpoint (a top-level key, as since the first release).
@@ -137,3 +138,37 @@ class LastCheckpoint(Callback):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._save(trainer)
+
+
+def global_batch_ema_decay(decay: float, global_batch: int, every_n_steps: int, max_epochs: int) -> float:
+    """torchvision's references' EMA decay for a run: `decay` rescaled by global batch x update period / epochs.
+
+    The recipe's decay (e.g. 0.99998 every 32 steps, ResNet-50 V2) is a per-image rate; torchvision applies
+    `alpha = min(1, (1 - decay) * global_batch * every_n_steps / epochs)` and averages with `1 - alpha`.
+    """
+    alpha = min(1.0, (1.0 - decay) * global_batch * every_n_steps / max(1, max_epochs))
+    return 1.0 - alpha
+
+
+class GlobalBatchEMA(EMAWeightAveraging):
+    """Lightning's EMA weight averaging with the decay adjusted to the run as torchvision's references do.
+
+    `decay` is the recipe's raw value; at the start of `fit` the decay actually used (`self.decay`) follows the
+    global batch (the data module's batch size x devices x accumulation), the update period and the epochs.
+    """
+
+    def __init__(self, decay: float = 0.99998, update_every_n_steps: int = 32, **kwargs: Any) -> None:
+        super().__init__(decay=decay, update_every_n_steps=update_every_n_steps, **kwargs)
+        self.raw_decay = decay
+        self.decay = decay
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            batch = getattr(trainer.datamodule, "batch_size", None) or getattr(pl_module, "batch_size", None) or 1
+            global_batch = int(batch) * trainer.world_size * trainer.accumulate_grad_batches
+            epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+            self.decay = global_batch_ema_decay(self.raw_decay, global_batch, self.update_every_n_steps, epochs)
+            self._kwargs["avg_fn"] = get_ema_avg_fn(decay=self.decay)
+            if trainer.is_global_zero:
+                print(f"EMA: decay {self.decay:.6f} ({self.raw_decay} rescaled to global batch {global_batch})")
+        super().setup(trainer, pl_module, stage)

@@ -66,6 +66,7 @@ class ResNetTasksCLI(LightningCLI):
         # Facts about the data reach the model here, once, at instantiation (never read back at run time).
         parser.link_arguments("data", "model.init_args.label_space", self._label_space_of, apply_on="instantiate")
         parser.link_arguments("data.evaluation_style", "model.init_args.evaluation_style", apply_on="instantiate")
+        parser.link_arguments("data.batch_size", "model.init_args.batch_size", apply_on="instantiate")
         # Our data modules build DDP-aware samplers themselves (no padded duplicates in evaluation).
         parser.set_defaults({"trainer.use_distributed_sampler": False})
         if "return_predictions" in {action.dest for action in parser._actions}:

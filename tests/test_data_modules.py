@@ -20,10 +20,12 @@ from resnet_tasks.data.classification import (
     ShapesClassificationDataModule,
 )
 from resnet_tasks.data.coco import CocoDetectionDataModule, ShapesDetectionDataModule
+from resnet_tasks.data.coco_segmentation import CocoSegmentationDataModule
 from resnet_tasks.data.common import BaseDataModule
 from resnet_tasks.data.voc import VOCDetectionDataModule
 from resnet_tasks.data.voc_segmentation import ShapesSegmentationDataModule, VOCSegmentationDataModule
 from tests.test_classification import _write_cifar10
+from tests.test_coco_segmentation import make_tiny_coco_segmentation
 from tests.test_detection_data import make_tiny_coco
 from tests.test_detection_data import make_tiny_voc as make_detection_voc
 from tests.test_segmentation_data import make_tiny_voc as make_segmentation_voc
@@ -45,6 +47,7 @@ def roots(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> dict[
         ImageFolderDataModule: {"root": str(image_folder)},
         ImageNetDataModule: {"root": str(image_folder)},
         CIFARDataModule: {"root": str(_write_cifar10(base / "cifar"))},
+        CocoSegmentationDataModule: {"root": str(make_tiny_coco_segmentation(base / "coco_segmentation"))},
     }
 
 
@@ -74,7 +77,8 @@ def _same(printed: Any, used: Any) -> bool:
 @pytest.mark.parametrize(
     "cls",
     [ShapesDetectionDataModule, ShapesSegmentationDataModule, ShapesClassificationDataModule, CocoDetectionDataModule,
-     VOCDetectionDataModule, VOCSegmentationDataModule, ImageFolderDataModule, ImageNetDataModule, CIFARDataModule],
+     VOCDetectionDataModule, VOCSegmentationDataModule, ImageFolderDataModule, ImageNetDataModule, CIFARDataModule,
+     CocoSegmentationDataModule],
     ids=lambda cls: cls.__name__,
 )  # fmt: skip
 def test_every_key_is_listed_and_its_printed_default_is_used(cls: type, roots: dict[type, dict[str, Any]]) -> None:

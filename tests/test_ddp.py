@@ -142,6 +142,9 @@ def test_classification_ddp_matches_one_process(tmp_path: Path) -> None:
 
     assert metrics_in(tmp_path / "val2") == reference, output[-3000:]
     assert {"loss", "top1", "top5"} <= set(reference) and 0 < reference["top1"] < 1
+    # The recipe's LR (0.01 here) is for 256 images: 2 processes x 4 images use 0.01 x 8 / 256.
+    assert "global batch 8 (4 per device x 2 device(s) x 1 accumulation)" in output, output[-3000:]
+    assert "head 0.0003125" in output and "lr 0.01 at 256, linear scaling" in output
     rows = list(csv.DictReader(next((tmp_path / "pred2").glob("lightning_logs/version_0/predictions.csv")).open()))
     names = Counter(row["image"] for row in rows)
     expected = {str(p.relative_to(images)) for p in (images / "val").glob("*/*.jpg")}

@@ -50,8 +50,8 @@ def task_args(task: str, image_folder: Path, shapes: Path) -> list[str]:
     if task == "detection":
         return [
             "--config", "configs/quickstart/detection.yaml", "--data.root", str(shapes / "coco"),
-            "--data.batch_size", "4", "--data.scale_jitter", "0.2", "--model.min_size", "64", "--model.max_size",
-            "64", "--model.optimizer.lr", "0.01", *SCHEDULE,
+            "--data.batch_size", "4", "--data.large_scale_jitter", "[0.5, 1.5]", "--data.crop_size", "64",
+            "--model.min_size", "64", "--model.max_size", "64", "--model.optimizer.lr", "0.01", *SCHEDULE,
         ]  # fmt: skip
     return [
         "--config", "configs/quickstart/segmentation.yaml", "--data.root", str(shapes / "voc"),

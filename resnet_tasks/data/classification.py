@@ -6,12 +6,20 @@ import os
 import pickle
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from torch.utils.data import Dataset
 
-from resnet_tasks.data.common import IMAGE_EXTENSIONS, BaseDataModule, item_and_seed, list_images, read_image
+from resnet_tasks.data.common import (
+    IMAGE_EXTENSIONS,
+    BaseDataModule,
+    RepeatedAugmentationSampler,
+    TrainSampler,
+    item_and_seed,
+    list_images,
+    read_image,
+)
 from resnet_tasks.data.shapes import shapes_layout
 from resnet_tasks.data.transforms import (
     CIFAR10_MEAN,
@@ -103,9 +111,17 @@ class ImageFolderDataModule(BaseDataModule):
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
         class_names: list[str] | None = None,
+        auto_augment: Literal["ta_wide"] | None = None,
+        random_erase: float = 0.0,
+        repeated_augmentations: int = 1,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        if repeated_augmentations < 1:
+            raise UserError(f"--data.repeated_augmentations must be >= 1 (1 = off), got {repeated_augmentations}.")
+        self.auto_augment = auto_augment
+        self.random_erase = random_erase
+        self.repeated_augmentations = repeated_augmentations
         self.crop_size = crop_size
         self.resize_size = resize_size
         self.eval_crop_size = eval_crop_size or crop_size
@@ -141,7 +157,21 @@ class ImageFolderDataModule(BaseDataModule):
         raise UserError(f"{root} has neither a train/ nor a val/ folder. {IMAGEFOLDER_LAYOUT}")
 
     def train_transform(self) -> Callable:
-        return imagenet_train_transform(self.crop_size, self.train_scale, self.hflip, self.mean, self.std)
+        return imagenet_train_transform(
+            self.crop_size,
+            self.train_scale,
+            self.hflip,
+            self.mean,
+            self.std,
+            trivial_augment=self.auto_augment == "ta_wide",
+            random_erase=self.random_erase,
+        )
+
+    def train_sampler(self, dataset_len: int) -> TrainSampler:
+        """The shuffled order, or repeated augmentation with `repeated_augmentations` > 1."""
+        if self.repeated_augmentations > 1:
+            return RepeatedAugmentationSampler(dataset_len, seed=self.seed, repetitions=self.repeated_augmentations)
+        return super().train_sampler(dataset_len)
 
     def eval_transform(self) -> Callable:
         return imagenet_eval_transform(self.eval_crop_size, self.resize_size, self.mean, self.std)

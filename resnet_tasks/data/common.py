@@ -166,9 +166,11 @@ class EvalShardSampler(Sampler[int]):
         return len(range(self.rank, self.dataset_len, self.world_size))
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """A 32-bit augmentation seed that depends only on the run seed, the epoch and the dataset index."""
-    return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1)[0])
+def sample_seed(seed: int, epoch: int, index: int, copy: int = 0) -> int:
+    """A 32-bit augmentation seed that depends only on the run seed, the epoch, the dataset index (and which
+    repetition of it, for repeated augmentation)."""
+    key = [seed, epoch, index] if copy == 0 else [seed, epoch, index, copy]
+    return int(np.random.SeedSequence(key).generate_state(1)[0])
 
 
 class TrainSampler(Sampler[tuple[int, int]]):
@@ -206,6 +208,33 @@ class TrainSampler(Sampler[tuple[int, int]]):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+class RepeatedAugmentationSampler(TrainSampler):
+    """Repeated augmentation (Hoffer et al. 2020; DeiT's and torchvision's `RASampler`): each chosen image is seen
+    `repetitions` times per epoch, each copy on a different rank with its own augmentation seed.
+
+    The epoch keeps the dataset's length (each rank takes about N / world items, not `repetitions` x that), so
+    an epoch shows N / `repetitions` distinct images, each `repetitions` times. Unlike torchvision's sampler,
+    the per-rank count is not rounded down to a multiple of 256 (tiny datasets keep their items).
+    """
+
+    def __init__(self, dataset_len: int, shuffle: bool = True, seed: int = 0, repetitions: int = 4) -> None:
+        super().__init__(dataset_len, shuffle=shuffle, seed=seed)
+        self.repetitions = repetitions
+        self.num_samples = max(1, dataset_len // self.world_size)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            order = torch.randperm(self.dataset_len, generator=generator).tolist()
+        else:
+            order = list(range(self.dataset_len))
+        copies = [(index, copy) for index in order for copy in range(self.repetitions)]
+        total = math.ceil(len(copies) / self.world_size) * self.world_size
+        copies += copies[: total - len(copies)]
+        mine = copies[self.rank : total : self.world_size][: self.num_samples]
+        return iter([(i, sample_seed(self.seed, self.epoch, i, copy)) for i, copy in mine])
 
 
 class ResumableBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -359,6 +388,10 @@ class BaseDataModule(L.LightningDataModule):
         """Remember the saved position; the next training loader's batch sampler starts there."""
         self._resume = dict(state_dict) or None
 
+    def train_sampler(self, dataset_len: int) -> TrainSampler:
+        """The order of training items over an epoch (a seeded shuffle, split across ranks)."""
+        return TrainSampler(dataset_len, seed=self.seed)
+
     def dataset(self, key: str) -> torch.utils.data.Dataset:
         """The dataset for `key` ("train", "val", "test", "predict"), built on first use."""
         raise NotImplementedError(f"{type(self).__name__} must implement dataset()")
@@ -403,7 +436,7 @@ class BaseDataModule(L.LightningDataModule):
             dataset = SkipUnreadable(dataset)
             collate_fn = SkippingCollate(collate_fn)
             if batch_sampler is None:
-                batch_sampler = TrainBatchSampler(TrainSampler(len(dataset), seed=self.seed), self.batch_size)
+                batch_sampler = TrainBatchSampler(self.train_sampler(len(dataset)), self.batch_size)
             if self._resume:
                 batch_sampler.load_state_dict(self._resume)
                 self._resume = None

@@ -181,14 +181,29 @@ class AnnotationBuilder:
 
 
 # ----------------------------------------------------------------------------------------------- transforms
-def detection_train_transform(hflip_prob: float = 0.5, scale_jitter: float = 0.0) -> A.Compose:
-    """Training augmentation: horizontal flip (+ optional light scale jitter); boxes follow, stay inside.
+def detection_train_transform(
+    hflip_prob: float = 0.5, large_scale_jitter: tuple[float, float] | None = None, crop_size: int | None = None
+) -> A.Compose:
+    """Training augmentation: horizontal flip, optionally large-scale jitter; boxes follow and stay inside.
 
-    Resizing to the model's size is GeneralizedRCNNTransform's job (inside the model), as in torchvision.
+    Multi-scale training is the model's job (`--model.min_size [480, ..., 800]`): its transform resizes every
+    image, so a resize here would be undone. Large-scale jitter (Ghiasi et al. 2021, torchvision's `ScaleJitter`
+    + `FixedSizeCrop`) is the exception: the longer side is scaled to `crop_size` x r (r drawn in
+    `large_scale_jitter`), then the image is padded / randomly cropped to `crop_size` x `crop_size`; use it with
+    `--model.min_size crop_size --model.max_size crop_size` so the model's resize leaves it alone.
     """
-    steps: list[Any] = [A.HorizontalFlip(p=hflip_prob)]
-    if scale_jitter > 0:
-        steps.append(A.RandomScale(scale_limit=scale_jitter, p=1.0))
+    steps: list[Any] = []
+    if large_scale_jitter is not None:
+        if crop_size is None:
+            raise UserError("--data.large_scale_jitter needs --data.crop_size (the fixed training size, e.g. 1024).")
+        low, high = large_scale_jitter
+        steps += [
+            A.LongestMaxSize(max_size=crop_size),
+            A.RandomScale(scale_limit=(low - 1.0, high - 1.0), p=1.0),
+            A.PadIfNeeded(min_height=crop_size, min_width=crop_size, position="top_left", fill=0),
+            A.RandomCrop(height=crop_size, width=crop_size),
+        ]
+    steps.append(A.HorizontalFlip(p=hflip_prob))
     return A.Compose(
         steps,
         bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], clip=True, filter_invalid_bboxes=True),
@@ -371,7 +386,8 @@ class DetectionDataModule(BaseDataModule):
         predict_split: str | None = None,
         aspect_ratio_group_factor: int = 3,
         hflip_prob: float = 0.5,
-        scale_jitter: float = 0.0,
+        large_scale_jitter: tuple[float, float] | None = None,
+        crop_size: int | None = None,
         remove_images_without_annotations: bool = True,
         **kwargs: Any,
     ) -> None:
@@ -382,7 +398,8 @@ class DetectionDataModule(BaseDataModule):
         self.predict_split = predict_split or val_split
         self.aspect_ratio_group_factor = aspect_ratio_group_factor
         self.hflip_prob = hflip_prob
-        self.scale_jitter = scale_jitter
+        self.large_scale_jitter = None if large_scale_jitter is None else tuple(large_scale_jitter)
+        self.crop_size = crop_size
         self.remove_images_without_annotations = remove_images_without_annotations
         self._annotations: dict[str, DetectionAnnotations] = {}
         self._datasets: dict[str, Dataset] = {}
@@ -418,7 +435,7 @@ class DetectionDataModule(BaseDataModule):
                 f"Split {self.train_split!r} has {len(annotations)} usable training image(s), fewer than "
                 f"--data.batch_size {self.batch_size}."
             )
-        transform = detection_train_transform(self.hflip_prob, self.scale_jitter)
+        transform = detection_train_transform(self.hflip_prob, self.large_scale_jitter, self.crop_size)
         return DetectionDataset(annotations, train=True, transform=transform, category_ids=self.category_id_table())
 
     def eval_dataset(self, split: str) -> DetectionDataset:
@@ -449,7 +466,7 @@ class DetectionDataModule(BaseDataModule):
             return self.loader(dataset, train=True, collate_fn=detection_collate)
         annotations = dataset.annotations
         groups = aspect_ratio_groups(annotations.widths, annotations.heights, self.aspect_ratio_group_factor)
-        batches = GroupedBatchSampler(TrainSampler(len(dataset), seed=self.seed), groups, self.batch_size)
+        batches = GroupedBatchSampler(self.train_sampler(len(dataset)), groups, self.batch_size)
         return self.loader(dataset, train=True, collate_fn=detection_collate, batch_sampler=batches)
 
     def val_dataloader(self) -> torch.utils.data.DataLoader:

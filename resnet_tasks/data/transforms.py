@@ -27,15 +27,44 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 
 
 class AlbumentationsTransform:
-    """An albumentations pipeline applied to an RGB uint8 array, returning a normalised CHW float tensor."""
+    """An albumentations pipeline applied to an RGB uint8 array, returning a normalised CHW float tensor.
 
-    def __init__(self, steps: list[A.BasicTransform]) -> None:
-        self.pipeline = A.Compose(steps)
+    Optionally torchvision's TrivialAugment (wide) on the uint8 image after the spatial steps and random erasing
+    on the normalised tensor (the ImageNet V2 recipe's pieces); with a `seed`, every random choice (albumentations'
+    and torch's) is a function of it, and the caller's torch RNG stream is left untouched.
+    """
+
+    def __init__(
+        self,
+        steps: list[A.BasicTransform],
+        normalize: A.Normalize | None = None,
+        trivial_augment: bool = False,
+        random_erase: float = 0.0,
+    ) -> None:
+        self.pipeline = A.Compose(steps if normalize is None else [*steps, normalize])
+        self.policy = self.normalize = self.erase = None
+        if normalize is not None and (trivial_augment or random_erase > 0):
+            from torchvision.transforms import v2
+
+            self.pipeline = A.Compose(steps)
+            self.policy = v2.TrivialAugmentWide() if trivial_augment else None
+            self.normalize = v2.Normalize(mean=list(normalize.mean), std=list(normalize.std))
+            self.erase = v2.RandomErasing(p=random_erase, value=0) if random_erase > 0 else None
 
     def __call__(self, image: np.ndarray, seed: int | None = None) -> torch.Tensor:
         if seed is not None:
             self.pipeline.set_random_seed(seed)
-        return to_tensor(self.pipeline(image=image)["image"])
+        out = self.pipeline(image=image)["image"]
+        if self.normalize is None:
+            return to_tensor(out)
+        with torch.random.fork_rng(devices=[]):
+            if seed is not None:
+                torch.manual_seed(seed)
+            pixels = to_tensor(out)  # uint8 CHW
+            if self.policy is not None:
+                pixels = self.policy(pixels)
+            tensor = self.normalize(pixels.float().div_(255.0))
+            return self.erase(tensor) if self.erase is not None else tensor
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.pipeline})"
@@ -47,15 +76,18 @@ def imagenet_train_transform(
     hflip: bool = True,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
+    trivial_augment: bool = False,
+    random_erase: float = 0.0,
 ) -> Callable[[np.ndarray], torch.Tensor]:
-    """torchvision's ImageNet training preset: RandomResizedCrop (bilinear) + horizontal flip + normalise."""
+    """torchvision's ImageNet training preset: RandomResizedCrop (bilinear) + horizontal flip (+ TrivialAugment
+    wide) + normalise (+ random erasing with probability `random_erase`)."""
     steps: list[A.BasicTransform] = [
         A.RandomResizedCrop(size=(crop_size, crop_size), scale=scale, interpolation=cv2.INTER_LINEAR)
     ]
     if hflip:
         steps.append(A.HorizontalFlip(p=0.5))
-    steps.append(A.Normalize(mean=mean, std=std, max_pixel_value=255.0))
-    return AlbumentationsTransform(steps)
+    normalize = A.Normalize(mean=mean, std=std, max_pixel_value=255.0)
+    return AlbumentationsTransform(steps, normalize, trivial_augment=trivial_augment, random_erase=random_erase)
 
 
 def imagenet_eval_transform(

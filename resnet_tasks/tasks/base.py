@@ -32,6 +32,7 @@ from resnet_tasks.tasks.optim import (
     SchedulerConfig,
     build_optimizer,
     build_scheduler,
+    lr_scale,
     parameter_groups,
 )
 
@@ -71,8 +72,11 @@ class TaskBase(L.LightningModule):
         optimizer: OptimizerConfig | None = None,
         scheduler: SchedulerConfig | None = None,
         weights: str | None = None,
+        batch_size: int | None = None,
     ) -> None:
         super().__init__()
+        # Training images per device and step (linked from the data): the global batch scales the LR.
+        self.batch_size = batch_size
         self.backbone_config: BackboneConfig = as_config(backbone, BackboneConfig)
         if no_weights(self.backbone_config.weights):
             self.backbone_config.weights = None
@@ -309,12 +313,26 @@ class TaskBase(L.LightningModule):
                 del inner.step
 
     # ----------------------------------------------------------------- optimisation
+    def global_batch_size(self) -> int | None:
+        """Images per optimizer step over all devices and nodes, gradient accumulation included."""
+        if self.batch_size is None or self._trainer is None:
+            return None
+        return self.batch_size * self.trainer.world_size * self.trainer.accumulate_grad_batches
+
     def parameter_groups(self) -> list[dict[str, Any]]:
-        """Backbone/other x decay/no-decay groups, each with its LR and weight decay."""
-        return parameter_groups(self, self.backbone_module(), self.optimizer_config)
+        """Backbone/other x decay/no-decay groups, each with its LR (scaled to the global batch) and weight decay."""
+        scale = lr_scale(self.optimizer_config, self.global_batch_size())
+        return parameter_groups(self, self.backbone_module(), self.optimizer_config, scale)
 
     def configure_optimizers(self) -> dict[str, Any]:
-        optimizer = build_optimizer(self.parameter_groups(), self.optimizer_config)
+        config = self.optimizer_config
+        if config.scale_lr and config.base_batch_size is not None and self.batch_size is None:
+            raise UserError(
+                "--model.optimizer.base_batch_size needs the per-device batch size to scale the LR: the CLI links "
+                "it from --data.batch_size; in Python pass the task batch_size=..., or set scale_lr False."
+            )
+        groups = self.parameter_groups()
+        optimizer = build_optimizer(groups, config, lr_scale(config, self.global_batch_size()))
         total_steps = int(self.trainer.estimated_stepping_batches)  # also sets up the train dataloader
         max_epochs = self.trainer.max_epochs if self.trainer.max_epochs and self.trainer.max_epochs > 0 else 1
         batches = self.trainer.num_training_batches
@@ -322,7 +340,32 @@ class TaskBase(L.LightningModule):
             steps_per_epoch = max(1.0, batches / self.trainer.accumulate_grad_batches)
         else:
             steps_per_epoch = total_steps / max_epochs
-        scheduler = build_scheduler(
-            optimizer, self.scheduler_config, self.optimizer_config.lr, total_steps, steps_per_epoch, max_epochs
-        )
+        schedule = self.scheduler_config
+        scheduler = build_scheduler(optimizer, schedule, config.lr, total_steps, steps_per_epoch, max_epochs)
+        self.print_optimisation(groups, total_steps)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+    def print_optimisation(self, groups: list[dict[str, Any]], total_steps: int) -> None:
+        """One line at the start of fit (rank 0): global batch, the LR of each group, warmup and total steps."""
+        config, schedule = self.optimizer_config, self.scheduler_config
+        batch = self.global_batch_size()
+        if batch is None:
+            shown = "global batch unknown (no per-device batch size)"
+        else:
+            shown = (
+                f"global batch {batch} ({self.batch_size} per device x {self.trainer.world_size} device(s) x "
+                f"{self.trainer.accumulate_grad_batches} accumulation)"
+            )
+        if config.scale_lr and config.base_batch_size is not None:
+            rule = f"lr {config.lr:g} at {config.base_batch_size}, {config.lr_scaling} scaling"
+        else:
+            rule = "lr as configured, not scaled"
+        # The peak LR of each group (the scheduler's warmup has already lowered `lr` itself).
+        lrs = ", ".join(f"{group['name']} {group.get('initial_lr', group['lr']):.4g}" for group in groups)
+        unit = "steps" if schedule.interval == "step" else "epochs"
+        if self.trainer.is_global_zero:
+            print(
+                f"optimisation: {shown}; effective lr: {lrs} ({rule}); warmup {schedule.warmup_steps} {unit}; "
+                f"{total_steps} total steps",
+                flush=True,
+            )

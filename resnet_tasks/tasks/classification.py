@@ -38,13 +38,14 @@ class ClassificationTask(TaskBase):
         optimizer: OptimizerConfig = OptimizerConfig(),
         scheduler: SchedulerConfig = SchedulerConfig(),
         weights: str | None = None,
+        batch_size: int | None = None,
         label_smoothing: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         dropout: float = 0.0,
         channels_last: bool = False,
     ) -> None:
-        super().__init__(num_classes, label_space, backbone, optimizer, scheduler, weights)
+        super().__init__(num_classes, label_space, backbone, optimizer, scheduler, weights, batch_size)
         self.save_task_hyperparameters()
         num_classes = self.num_classes
         self.label_smoothing = label_smoothing

@@ -131,6 +131,7 @@ class DetectionTask(TaskBase):
         optimizer: OptimizerConfig | None = None,
         scheduler: SchedulerConfig | None = None,
         weights: str | None = None,
+        batch_size: int | None = None,
         evaluation_style: Literal["coco", "voc"] = "coco",
         trainable_backbone_layers: int | None = None,
         fpn_channels: int = 256,
@@ -151,7 +152,7 @@ class DetectionTask(TaskBase):
         if optimizer is None:
             # torchvision's detection recipe: lr 0.02 per 16 images, weight decay on every parameter.
             optimizer = OptimizerConfig(lr=0.02, weight_decay=1e-4, norm_weight_decay=None)
-        super().__init__(num_classes, label_space, backbone, optimizer, scheduler, weights)
+        super().__init__(num_classes, label_space, backbone, optimizer, scheduler, weights, batch_size)
         self.save_task_hyperparameters()
         self.evaluation_style = evaluation_style
 

@@ -12,7 +12,13 @@ from torch import nn
 
 @dataclass
 class OptimizerConfig:
-    """The `optimizer` config group: SGD or AdamW, weight decay rules and the backbone LR multiplier."""
+    """The `optimizer` config group: SGD or AdamW, weight decay rules, the backbone LR multiplier, LR scaling.
+
+    `lr` is the LR at a global batch of `base_batch_size` images (the batch the recipe was tuned for). With
+    `scale_lr`, the LR used follows the actual global batch (per-device batch x devices x nodes x gradient
+    accumulation): linearly (Goyal et al. 2017), or by the square root (`lr_scaling: sqrt`, e.g. for AdamW).
+    `base_batch_size` None leaves the LR as given. `min_lr` scales with it; group multipliers apply on top.
+    """
 
     name: Literal["sgd", "adamw"] = "sgd"
     lr: float = 0.1
@@ -22,6 +28,17 @@ class OptimizerConfig:
     norm_weight_decay: float | None = 0.0
     backbone_lr_mult: float = 1.0
     betas: tuple[float, float] = (0.9, 0.999)
+    base_batch_size: int | None = None
+    scale_lr: bool = True
+    lr_scaling: Literal["linear", "sqrt"] = "linear"
+
+
+def lr_scale(config: OptimizerConfig, global_batch: int | None) -> float:
+    """The factor between the LR used at `global_batch` and the configured `lr` (1 when scaling is off)."""
+    if not config.scale_lr or config.base_batch_size is None or global_batch is None:
+        return 1.0
+    ratio = global_batch / config.base_batch_size
+    return math.sqrt(ratio) if config.lr_scaling == "sqrt" else ratio
 
 
 @dataclass
@@ -81,8 +98,13 @@ def is_no_decay(module: nn.Module, param_name: str) -> bool:
     return isinstance(module, norm_types) or param_name == "bias"
 
 
-def parameter_groups(model: nn.Module, backbone: nn.Module, config: OptimizerConfig) -> list[dict[str, Any]]:
-    """Backbone/other x decay/no-decay groups of `model`'s trainable parameters, each with its LR and decay."""
+def parameter_groups(
+    model: nn.Module, backbone: nn.Module, config: OptimizerConfig, scale: float = 1.0
+) -> list[dict[str, Any]]:
+    """Backbone/other x decay/no-decay groups of `model`'s trainable parameters, each with its LR and decay.
+
+    `scale` multiplies every group's LR (the global-batch scaling, see `lr_scale`).
+    """
     backbone_ids = {id(p) for p in backbone.parameters()}
     norm_wd = config.weight_decay if config.norm_weight_decay is None else config.norm_weight_decay
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
@@ -99,7 +121,7 @@ def parameter_groups(model: nn.Module, backbone: nn.Module, config: OptimizerCon
         result.append(
             {
                 "params": params,
-                "lr": config.lr * (config.backbone_lr_mult if in_backbone else 1.0),
+                "lr": config.lr * scale * (config.backbone_lr_mult if in_backbone else 1.0),
                 "weight_decay": norm_wd if no_decay else config.weight_decay,
                 "name": f"{'backbone' if in_backbone else 'head'}{'/no_decay' if no_decay else ''}",
             }
@@ -107,13 +129,14 @@ def parameter_groups(model: nn.Module, backbone: nn.Module, config: OptimizerCon
     return result
 
 
-def build_optimizer(groups: list[dict[str, Any]], config: OptimizerConfig) -> torch.optim.Optimizer:
-    """SGD or AdamW over `groups` as the config says."""
+def build_optimizer(groups: list[dict[str, Any]], config: OptimizerConfig, scale: float = 1.0) -> torch.optim.Optimizer:
+    """SGD or AdamW over `groups` as the config says (`scale`: the global-batch LR factor of the default LR)."""
+    lr = config.lr * scale
     if config.name == "sgd":
         return torch.optim.SGD(
-            groups, lr=config.lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
+            groups, lr=lr, momentum=config.momentum, nesterov=config.nesterov, weight_decay=config.weight_decay
         )
-    return torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(config.betas), weight_decay=config.weight_decay)
 
 
 def build_scheduler(

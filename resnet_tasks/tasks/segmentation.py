@@ -80,11 +80,12 @@ class SegmentationTask(TaskBase):
         optimizer: OptimizerConfig = OptimizerConfig(),
         scheduler: SchedulerConfig = SchedulerConfig(),
         weights: str | None = None,
+        batch_size: int | None = None,
         aux_loss: bool = True,
         aux_weight: float = 0.5,
         aux_lr_mult: float = 1.0,
     ) -> None:
-        super().__init__(num_classes, label_space, backbone, optimizer, scheduler, weights)
+        super().__init__(num_classes, label_space, backbone, optimizer, scheduler, weights, batch_size)
         self.save_task_hyperparameters()
         self.aux_loss = aux_loss
         self.aux_weight = aux_weight
