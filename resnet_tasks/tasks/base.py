@@ -73,8 +73,17 @@ class TaskBase(L.LightningModule):
         scheduler: SchedulerConfig | None = None,
         weights: str | None = None,
         batch_size: int | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        compile_backend: str = "inductor",
     ) -> None:
         super().__init__()
+        # Speed options (no effect on results beyond float rounding; export ignores them): NHWC memory format,
+        # and torch.compile of the backbone in place (nn.Module.compile keeps state-dict keys unchanged).
+        self.channels_last = channels_last
+        self.compile_options = {"mode": compile_mode, "backend": compile_backend} if compile else None
+        self._speed_options_applied = False
         # Training images per device and step (linked from the data): the global batch scales the LR.
         self.batch_size = batch_size
         self.backbone_config: BackboneConfig = as_config(backbone, BackboneConfig)
@@ -203,6 +212,26 @@ class TaskBase(L.LightningModule):
 
     def setup(self, stage: str) -> None:
         self.load_pretrained()
+        self.apply_speed_options()
+
+    def compile_targets(self) -> list[nn.Module]:
+        """The modules `compile` compiles: the backbone (torchvision's detection heads have data-dependent shapes)."""
+        return [self.backbone_module()]
+
+    def apply_speed_options(self) -> None:
+        """channels_last memory format and torch.compile, once, after the weights are in place."""
+        if self._speed_options_applied:
+            return
+        self._speed_options_applied = True
+        if self.channels_last:
+            self.to(memory_format=torch.channels_last)
+        if self.compile_options is not None:
+            for module in self.compile_targets():
+                module.compile(**self.compile_options)
+
+    def in_memory_format(self, images: torch.Tensor) -> torch.Tensor:
+        """A batch (N, C, H, W) in the model's memory format (NHWC with `channels_last`)."""
+        return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
 
     def configure_callbacks(self) -> list[L.Callback]:
         """RNG streams in checkpoints (exact resume) and the per-epoch report of skipped images."""

@@ -44,12 +44,17 @@ class ClassificationTask(TaskBase):
         cutmix_alpha: float = 0.0,
         dropout: float = 0.0,
         channels_last: bool = False,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        compile_backend: str = "inductor",
     ) -> None:
-        super().__init__(num_classes, label_space, backbone, optimizer, scheduler, weights, batch_size)
+        super().__init__(
+            num_classes, label_space, backbone, optimizer, scheduler, weights, batch_size,
+            channels_last, compile, compile_mode, compile_backend,
+        )  # fmt: skip
         self.save_task_hyperparameters()
         num_classes = self.num_classes
         self.label_smoothing = label_smoothing
-        self.channels_last = channels_last
         self.backbone = self.backbone_config.build()
         features = list(self.backbone.channels.values())[-1]
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -80,16 +85,9 @@ class ClassificationTask(TaskBase):
     def backbone_module(self) -> nn.Module:
         return self.backbone
 
-    def setup(self, stage: str) -> None:
-        super().setup(stage)
-        if self.channels_last:
-            self.to(memory_format=torch.channels_last)
-
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (N, num_classes) for a batch of normalised images."""
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        features = list(self.backbone(images).values())[-1]
+        features = list(self.backbone(self.in_memory_format(images)).values())[-1]
         pooled = torch.flatten(F.adaptive_avg_pool2d(features, 1), 1)
         return self.fc(self.dropout(pooled))
 

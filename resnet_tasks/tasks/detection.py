@@ -148,11 +148,18 @@ class DetectionTask(TaskBase):
         box_score_thresh: float = 0.05,
         box_nms_thresh: float = 0.5,
         box_detections_per_img: int = 100,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        compile_backend: str = "inductor",
     ) -> None:
         if optimizer is None:
             # torchvision's detection recipe: lr 0.02 per 16 images, weight decay on every parameter.
             optimizer = OptimizerConfig(lr=0.02, weight_decay=1e-4, norm_weight_decay=None)
-        super().__init__(num_classes, label_space, backbone, optimizer, scheduler, weights, batch_size)
+        super().__init__(
+            num_classes, label_space, backbone, optimizer, scheduler, weights, batch_size,
+            channels_last, compile, compile_mode, compile_backend,
+        )  # fmt: skip
         self.save_task_hyperparameters()
         self.evaluation_style = evaluation_style
 

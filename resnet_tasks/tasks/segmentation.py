@@ -84,8 +84,15 @@ class SegmentationTask(TaskBase):
         aux_loss: bool = True,
         aux_weight: float = 0.5,
         aux_lr_mult: float = 1.0,
+        channels_last: bool = False,
+        compile: bool = False,
+        compile_mode: str | None = None,
+        compile_backend: str = "inductor",
     ) -> None:
-        super().__init__(num_classes, label_space, backbone, optimizer, scheduler, weights, batch_size)
+        super().__init__(
+            num_classes, label_space, backbone, optimizer, scheduler, weights, batch_size,
+            channels_last, compile, compile_mode, compile_backend,
+        )  # fmt: skip
         self.save_task_hyperparameters()
         self.aux_loss = aux_loss
         self.aux_weight = aux_weight
@@ -127,7 +134,7 @@ class SegmentationTask(TaskBase):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (N, num_classes, H, W) at the input size for a batch of normalised images."""
-        return self.model(images, with_aux=False)["out"]
+        return self.model(self.in_memory_format(images), with_aux=False)["out"]
 
     def model_state_dict(self, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """torchvision's FCN layout (backbone.*, classifier.*, aux_classifier.*) or our .ckpt ("model.*")."""
@@ -141,7 +148,7 @@ class SegmentationTask(TaskBase):
 
     def training_losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
         target = batch["mask"].long()
-        outputs = self.model(batch["image"], with_aux=self.aux_loss)
+        outputs = self.model(self.in_memory_format(batch["image"]), with_aux=self.aux_loss)
         losses = {"loss_seg": F.cross_entropy(outputs["out"], target, ignore_index=self.ignore_index)}
         if "aux" in outputs:
             aux = F.cross_entropy(outputs["aux"], target, ignore_index=self.ignore_index)
