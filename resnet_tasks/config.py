@@ -13,7 +13,7 @@ def as_config(value: Any, cls: type) -> Any:
     if value is None:
         return cls()
     if isinstance(value, cls):
-        return value
+        return dataclasses.replace(value)  # a copy: defaults shared between instances are never mutated
     if isinstance(value, dict):
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(value) - known)

@@ -214,13 +214,18 @@ def test_torchvision_protocol_resizes_image_and_mask_as_torchvision(coco_root: P
     assert tuple(torchvision_predict[0]["size"]) == (40, 56)  # predict writes masks at the original size
 
 
-def test_torchvision_fcn_weights_give_torchvision_outputs(coco_root: Path, tmp_path: Path) -> None:
-    torch.manual_seed(0)
+def torchvision_fcn(path: Path, seed: int) -> tuple[torch.nn.Module, Path]:
+    """A randomly initialised torchvision FCN R50 (eval mode) and its weights saved at `path`."""
+    torch.manual_seed(seed)
     reference = torchvision.models.segmentation.fcn_resnet50(
         weights=None, weights_backbone=None, num_classes=21, aux_loss=True
     ).eval()
-    weights = tmp_path / "fcn_resnet50.pth"
-    torch.save(reference.state_dict(), weights)
+    torch.save(reference.state_dict(), path)
+    return reference, path
+
+
+def test_torchvision_fcn_weights_give_torchvision_outputs(coco_root: Path, tmp_path: Path) -> None:
+    reference, weights = torchvision_fcn(tmp_path / "fcn_resnet50.pth", seed=0)
     task = SegmentationTask(weights=str(weights), backbone=BackboneConfig(name="resnet50"))
     task.load_pretrained()
     task.eval()
@@ -248,12 +253,7 @@ def test_torchvision_fcn_weights_give_torchvision_outputs(coco_root: Path, tmp_p
 
 def test_cli_test_command_scores_torchvision_weights(run_cli, coco_root: Path, tmp_path: Path) -> None:
     """The recipe's `test` command with a torchvision-layout file: metrics equal torchvision's evaluation."""
-    torch.manual_seed(1)
-    reference = torchvision.models.segmentation.fcn_resnet50(
-        weights=None, weights_backbone=None, num_classes=21, aux_loss=True
-    ).eval()
-    weights = tmp_path / "fcn.pth"
-    torch.save(reference.state_dict(), weights)
+    reference, weights = torchvision_fcn(tmp_path / "fcn.pth", seed=1)
     code, out, err = run_cli(
         "test", "--config", "configs/segmentation/coco_voc_fcn_resnet50.yaml", "--model.weights", str(weights),
         "--data.root", str(coco_root), "--data.eval_size", "24", "--data.num_workers", "0",

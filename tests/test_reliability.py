@@ -189,13 +189,18 @@ def test_detection_dataset_problems_are_one_clear_message(run_cli, tiny_shapes: 
     assert_one_clear_error(code, err, str(image))
 
 
+def _copy_voc(shapes: Path, tmp_path: Path, image_sets: str) -> tuple[Path, Path, str]:
+    """A writable copy of the shapes VOC layout: (root, VOC2012 folder, first val stem of `image_sets`)."""
+    voc = tmp_path / "voc"
+    shutil.copytree(shapes / "voc", voc)
+    devkit = voc / "VOCdevkit" / "VOC2012"
+    return voc, devkit, (devkit / "ImageSets" / image_sets / "val.txt").read_text().split()[0]
+
+
 def test_segmentation_mask_problems_are_one_clear_message(run_cli, tiny_shapes: Path, tmp_path: Path) -> None:
     from PIL import Image
 
-    voc = tmp_path / "voc"
-    shutil.copytree(tiny_shapes / "voc", voc)
-    devkit = voc / "VOCdevkit" / "VOC2012"
-    stem = (devkit / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[0]
+    voc, devkit, stem = _copy_voc(tiny_shapes, tmp_path, "Segmentation")
     mask_path = devkit / "SegmentationClass" / f"{stem}.png"
     with Image.open(mask_path) as mask:
         mask.resize((32, 32)).save(mask_path)
@@ -205,10 +210,7 @@ def test_segmentation_mask_problems_are_one_clear_message(run_cli, tiny_shapes: 
 
 
 def test_truncated_voc_xml_names_file_line_and_column(run_cli, tiny_shapes: Path, tmp_path: Path) -> None:
-    voc = tmp_path / "voc"
-    shutil.copytree(tiny_shapes / "voc", voc)
-    devkit = voc / "VOCdevkit" / "VOC2012"
-    stem = (devkit / "ImageSets" / "Main" / "val.txt").read_text().split()[0]
+    voc, devkit, stem = _copy_voc(tiny_shapes, tmp_path, "Main")
     xml = devkit / "Annotations" / f"{stem}.xml"
     xml.write_text(xml.read_text()[:120])
     code, out, err = run_cli("validate", "--config", "configs/detection/voc_faster_rcnn_resnet50_fpn.yaml",

@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Literal
 
 import albumentations as A
-import cv2
 import numpy as np
 import torch
 from PIL import Image
@@ -25,9 +24,7 @@ from torchvision.transforms import functional as TF
 
 from resnet_tasks.data.coco import COCO_LAYOUT, coco_categories, read_json
 from resnet_tasks.data.common import (
-    BaseDataModule,
     UnreadableImageError,
-    image_size_hw,
     item_and_seed,
     list_images,
     read_image,
@@ -35,12 +32,11 @@ from resnet_tasks.data.common import (
 from resnet_tasks.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
 from resnet_tasks.data.voc_segmentation import (
     VOC_SEGMENTATION_CLASSES,
+    SegmentationDataModule,
     SegmentationDataset,
-    SizeGroupedBatchSampler,
-    collate_eval,
-    collate_train,
     segmentation_eval_transform,
     segmentation_train_transform,
+    training_item,
 )
 from resnet_tasks.errors import UserError
 from resnet_tasks.labels import BACKGROUND, IGNORE_INDEX, LabelSpace
@@ -269,43 +265,6 @@ def parse_semantic_annotations(
 
 
 # ---------------------------------------------------------------------------------------------- transforms
-def shorter_side_train_transform(
-    base_size: int,
-    crop_size: int = 480,
-    scale_range: tuple[float, float] = (0.5, 2.0),
-    hflip: bool = True,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
-) -> A.Compose:
-    """torchvision's training preset: shorter side to a random integer in [low, high] x `base_size`, then the
-    crop of `segmentation_train_transform` (pad image 0 / mask 255, random crop, flip, normalise).
-
-    Images are shrunk with area averaging (torchvision's PIL resize is antialiased), masks with nearest neighbour.
-    """
-    low, high = int(scale_range[0] * base_size), int(scale_range[1] * base_size)
-    steps: list[A.BasicTransform] = [
-        A.SmallestMaxSize(
-            max_size=list(range(low, high + 1)),
-            interpolation=cv2.INTER_LINEAR,
-            mask_interpolation=cv2.INTER_NEAREST,
-            area_for_downscale="image",
-        ),
-        A.PadIfNeeded(
-            min_height=crop_size,
-            min_width=crop_size,
-            position="top_left",
-            border_mode=cv2.BORDER_CONSTANT,
-            fill=0,
-            fill_mask=IGNORE_INDEX,
-        ),
-        A.RandomCrop(height=crop_size, width=crop_size),
-    ]
-    if hflip:
-        steps.append(A.HorizontalFlip(p=0.5))
-    steps.append(A.Normalize(mean=mean, std=std, max_pixel_value=255.0))
-    return A.Compose(steps)
-
-
 def torchvision_eval_resize(image: np.ndarray, mask: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
     """torchvision's evaluation preset on an image and its label map: shorter side to `size`, through PIL, the
     image bilinear and antialiased, the mask nearest; the longer side is truncated as torchvision does."""
@@ -352,10 +311,7 @@ class CocoSegmentationDataset(Dataset):
         index, seed = item_and_seed(item)
         image, mask = self.load(index)
         if self.train:
-            if seed is not None:
-                self.transform.set_random_seed(seed)
-            out = self.transform(image=image, mask=mask)
-            return {"image": to_tensor(out["image"]), "mask": torch.from_numpy(np.ascontiguousarray(out["mask"]))}
+            return training_item(self.transform, image, mask, seed)
         if self.resize_to is not None:
             image, mask = torchvision_eval_resize(image, mask, self.resize_to)
         network_input = self.transform(image=image)["image"]
@@ -371,7 +327,7 @@ class CocoSegmentationDataset(Dataset):
 
 
 # ---------------------------------------------------------------------------------------------- data module
-class CocoSegmentationDataModule(BaseDataModule):
+class CocoSegmentationDataModule(SegmentationDataModule):
     """COCO 2017 as VOC-class semantic segmentation (torchvision's FCN/DeepLabV3 benchmark): `root/annotations/
     instances_<split>.json` + `root/<split>/*.jpg`.
 
@@ -444,10 +400,8 @@ class CocoSegmentationDataModule(BaseDataModule):
 
     # ------------------------------------------------------------------ datasets and loaders
     def train_transform(self) -> A.Compose:
-        if self.base_size is None:
-            return segmentation_train_transform(self.crop_size, self.scale_range, self.hflip, self.mean, self.std)
-        return shorter_side_train_transform(
-            self.base_size, self.crop_size, self.scale_range, self.hflip, self.mean, self.std
+        return segmentation_train_transform(
+            self.crop_size, self.scale_range, self.hflip, self.mean, self.std, base_size=self.base_size
         )
 
     def eval_transform(self, protocol: str) -> A.Compose:
@@ -479,29 +433,8 @@ class CocoSegmentationDataModule(BaseDataModule):
                 self.datasets[key] = self._eval_dataset(self.val_split, "original")  # masks at the original size
         return self.datasets[key]
 
-    def setup(self, stage: str) -> None:
-        # Parse the files now, so a bad layout fails before any training starts.
-        keys = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
-        for key in keys.get(stage, ()):
-            self.dataset(key)
-
-    def _eval_loader(self, dataset: Dataset) -> torch.utils.data.DataLoader:
+    def image_sizes(self, dataset: Dataset) -> Sequence[tuple[int, int]]:
+        """Sizes from the annotation file (COCO lists them), or the file headers for a folder of images."""
         if isinstance(dataset, CocoSegmentationDataset):
-            annotations = dataset.annotations
-            sizes: Sequence[tuple[int, int]] = [annotations.size(i) for i in range(len(annotations))]
-        else:
-            sizes = [image_size_hw(path) for path in dataset.images]  # type: ignore[attr-defined]
-        sampler = SizeGroupedBatchSampler(sizes, self.eval_batch_size)
-        return self.loader(dataset, train=False, collate_fn=collate_eval, batch_sampler=sampler)
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self.loader(self.dataset("train"), train=True, collate_fn=collate_train)
-
-    def val_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._eval_loader(self.dataset("val"))
-
-    def test_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._eval_loader(self.dataset("test"))
-
-    def predict_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._eval_loader(self.dataset("predict"))
+            return [dataset.annotations.size(i) for i in range(len(dataset.annotations))]
+        return super().image_sizes(dataset)

@@ -91,19 +91,31 @@ def segmentation_train_transform(
     hflip: bool = True,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
+    base_size: int | None = None,
 ) -> A.Compose:
     """Random scale, pad to the crop (image 0, mask 255), random crop, flip, normalise.
 
-    Masks are only ever resized with nearest neighbour and padded with 255, so they hold class ids and 255.
+    The scale is a factor of the image drawn in `scale_range`, or, with `base_size` (torchvision's preset), the
+    shorter side is resized to a random integer in `scale_range` x `base_size`. Masks are only ever resized
+    with nearest neighbour and padded with 255, so they hold class ids and 255.
     """
     low, high = scale_range
-    steps: list[A.BasicTransform] = [
-        A.RandomScale(
+    if base_size is None:
+        resize: A.BasicTransform = A.RandomScale(
             scale_limit=(low - 1.0, high - 1.0),
             interpolation=cv2.INTER_LINEAR,
             mask_interpolation=cv2.INTER_NEAREST,
             p=1.0,
-        ),
+        )
+    else:
+        resize = A.SmallestMaxSize(
+            max_size=list(range(int(low * base_size), int(high * base_size) + 1)),
+            interpolation=cv2.INTER_LINEAR,
+            mask_interpolation=cv2.INTER_NEAREST,
+            area_for_downscale="image",
+        )
+    steps: list[A.BasicTransform] = [
+        resize,
         A.PadIfNeeded(
             min_height=crop_size,
             min_width=crop_size,
@@ -189,10 +201,7 @@ class SegmentationDataset(Dataset):
         index, seed = item_and_seed(item)
         image, mask = self.load(index)
         if self.train:
-            if seed is not None:
-                self.transform.set_random_seed(seed)
-            out = self.transform(image=image, mask=mask)
-            return {"image": to_tensor(out["image"]), "mask": torch.from_numpy(np.ascontiguousarray(out["mask"]))}
+            return training_item(self.transform, image, mask, seed)
         network_input = self.transform(image=image)["image"]
         item: dict[str, Any] = {
             "image": to_tensor(network_input),
@@ -204,6 +213,14 @@ class SegmentationDataset(Dataset):
         if mask is not None:
             item["mask"] = torch.from_numpy(mask)
         return item
+
+
+def training_item(transform: A.Compose, image: np.ndarray, mask: np.ndarray, seed: int | None) -> dict[str, Any]:
+    """A training crop {"image", "mask"}: the augmentation seeded per sample (when a seed is given)."""
+    if seed is not None:
+        transform.set_random_seed(seed)
+    out = transform(image=image, mask=mask)
+    return {"image": to_tensor(out["image"]), "mask": torch.from_numpy(np.ascontiguousarray(out["mask"]))}
 
 
 def collate_train(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -272,7 +289,38 @@ class SizeGroupedBatchSampler(Sampler[list[int]]):
 
 
 # ---------------------------------------------------------------------------------------------- data modules
-class VOCSegmentationDataModule(BaseDataModule):
+class SegmentationDataModule(BaseDataModule):
+    """What the segmentation data modules share: files resolved at setup, training crops, and evaluation in
+    batches of images of one original size (`SizeGroupedBatchSampler`); subclasses build `dataset(key)`."""
+
+    def image_sizes(self, dataset: Dataset) -> Sequence[tuple[int, int]]:
+        """(height, width) of every image of an evaluation dataset, from the file headers."""
+        return [image_size_hw(path) for path in dataset.images]  # type: ignore[attr-defined]
+
+    def setup(self, stage: str) -> None:
+        # Resolve the files now, so a bad layout fails before any training starts.
+        keys = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
+        for key in keys.get(stage, ()):
+            self.dataset(key)
+
+    def _eval_loader(self, dataset: Dataset) -> torch.utils.data.DataLoader:
+        sampler = SizeGroupedBatchSampler(self.image_sizes(dataset), self.eval_batch_size)
+        return self.loader(dataset, train=False, collate_fn=collate_eval, batch_sampler=sampler)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return self.loader(self.dataset("train"), train=True, collate_fn=collate_train)
+
+    def val_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._eval_loader(self.dataset("val"))
+
+    def test_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._eval_loader(self.dataset("test"))
+
+    def predict_dataloader(self) -> torch.utils.data.DataLoader:
+        return self._eval_loader(self.dataset("predict"))
+
+
+class VOCSegmentationDataModule(SegmentationDataModule):
     """PASCAL VOC 2012 segmentation: `root/VOCdevkit/VOC2012` (root may also be VOCdevkit or VOC2012 itself).
 
     `train_split`: a list in ImageSets/Segmentation (`train`, `trainval`, ...) or `train_aug`: SBD + VOC train
@@ -422,29 +470,6 @@ class VOCSegmentationDataModule(BaseDataModule):
             else:
                 self.datasets[key] = self.dataset("val")
         return self.datasets[key]
-
-    def setup(self, stage: str) -> None:
-        # Resolve the files now, so a bad layout fails before any training starts.
-        keys = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ("predict",)}
-        for key in keys.get(stage, ()):
-            self.dataset(key)
-
-    def _eval_loader(self, dataset: SegmentationDataset) -> torch.utils.data.DataLoader:
-        sizes = [image_size_hw(path) for path in dataset.images]
-        sampler = SizeGroupedBatchSampler(sizes, self.eval_batch_size)
-        return self.loader(dataset, train=False, collate_fn=collate_eval, batch_sampler=sampler)
-
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        return self.loader(self.dataset("train"), train=True, collate_fn=collate_train)
-
-    def val_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._eval_loader(self.dataset("val"))
-
-    def test_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._eval_loader(self.dataset("test"))
-
-    def predict_dataloader(self) -> torch.utils.data.DataLoader:
-        return self._eval_loader(self.dataset("predict"))
 
 
 class ShapesSegmentationDataModule(VOCSegmentationDataModule):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
 from pathlib import Path
 from typing import Any, ClassVar
@@ -68,9 +69,9 @@ class TaskBase(L.LightningModule):
         self,
         num_classes: int | None = None,
         label_space: LabelSpace | None = None,
-        backbone: BackboneConfig | None = None,
-        optimizer: OptimizerConfig | None = None,
-        scheduler: SchedulerConfig | None = None,
+        backbone: BackboneConfig = BackboneConfig(),
+        optimizer: OptimizerConfig = OptimizerConfig(),
+        scheduler: SchedulerConfig = SchedulerConfig(),
         weights: str | None = None,
         batch_size: int | None = None,
         channels_last: bool = False,
@@ -178,14 +179,19 @@ class TaskBase(L.LightningModule):
     def load_from_checkpoint(cls, checkpoint_path: Any, *args: Any, **kwargs: Any) -> Any:
         """Lightning's `load_from_checkpoint`, also for checkpoints written before the label space existed."""
         try:
-            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:  # not a local zip file: Lightning's own loading reports what is wrong
+            checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+        except Exception:  # not a local file Lightning can read either: its own loading reports what is wrong
             return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
         hparams = checkpoint.get("hyper_parameters") or {}
         upgraded = upgrade_hyperparameters(cls.task_name, hparams, checkpoint.get(CHECKPOINT_KEY) or {})
-        # Keys the upgrade retired (segmentation's ignore_index) are dropped by Lightning: __init__ lacks them.
-        changed = {key: value for key, value in upgraded.items() if hparams.get(key) != value}
-        return super().load_from_checkpoint(checkpoint_path, *args, **{**changed, **kwargs})
+        if upgraded == hparams:
+            return super().load_from_checkpoint(checkpoint_path, *args, **kwargs)
+        # Hand Lightning the upgraded checkpoint (retired keys such as segmentation's ignore_index removed).
+        checkpoint["hyper_parameters"] = upgraded
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)
+        buffer.seek(0)
+        return super().load_from_checkpoint(buffer, *args, **kwargs)
 
     # ----------------------------------------------------------------- backbone and weights
     def backbone_module(self) -> nn.Module:

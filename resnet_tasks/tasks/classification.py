@@ -11,10 +11,7 @@ from torchmetrics import MeanMetric
 from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
-from resnet_tasks.backbones import BackboneConfig
-from resnet_tasks.labels import LabelSpace
 from resnet_tasks.tasks.base import TaskBase
-from resnet_tasks.tasks.optim import OptimizerConfig, SchedulerConfig
 from resnet_tasks.writers.classification import ClassificationWriter
 
 
@@ -32,26 +29,13 @@ class ClassificationTask(TaskBase):
 
     def __init__(
         self,
-        num_classes: int | None = None,
-        label_space: LabelSpace | None = None,
-        backbone: BackboneConfig = BackboneConfig(),
-        optimizer: OptimizerConfig = OptimizerConfig(),
-        scheduler: SchedulerConfig = SchedulerConfig(),
-        weights: str | None = None,
-        batch_size: int | None = None,
         label_smoothing: float = 0.0,
         mixup_alpha: float = 0.0,
         cutmix_alpha: float = 0.0,
         dropout: float = 0.0,
-        channels_last: bool = False,
-        compile: bool = False,
-        compile_mode: str | None = None,
-        compile_backend: str = "inductor",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_classes, label_space, backbone, optimizer, scheduler, weights, batch_size,
-            channels_last, compile, compile_mode, compile_backend,
-        )  # fmt: skip
+        super().__init__(**kwargs)
         self.save_task_hyperparameters()
         num_classes = self.num_classes
         self.label_smoothing = label_smoothing

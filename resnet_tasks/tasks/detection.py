@@ -17,12 +17,11 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from resnet_tasks.backbones import BackboneConfig
 from resnet_tasks.errors import UserError
 from resnet_tasks.evaluation.detection import COCO_METRIC_NAMES, VOCDetectionAP, coco_map_metric
 from resnet_tasks.labels import LabelSpace
 from resnet_tasks.tasks.base import TaskBase
-from resnet_tasks.tasks.optim import OptimizerConfig, SchedulerConfig
+from resnet_tasks.tasks.optim import OptimizerConfig
 from resnet_tasks.writers.detection import DetectionWriter
 
 CLASSIFIER_KEY = "roi_heads.box_predictor.cls_score.weight"
@@ -125,13 +124,8 @@ class DetectionTask(TaskBase):
 
     def __init__(
         self,
-        num_classes: int | None = None,
-        label_space: LabelSpace | None = None,
-        backbone: BackboneConfig | None = None,
-        optimizer: OptimizerConfig | None = None,
-        scheduler: SchedulerConfig | None = None,
-        weights: str | None = None,
-        batch_size: int | None = None,
+        # torchvision's detection recipe: lr 0.02 per 16 images, weight decay on every parameter.
+        optimizer: OptimizerConfig = OptimizerConfig(lr=0.02, weight_decay=1e-4, norm_weight_decay=None),
         evaluation_style: Literal["coco", "voc"] = "coco",
         trainable_backbone_layers: int | None = None,
         fpn_channels: int = 256,
@@ -148,18 +142,9 @@ class DetectionTask(TaskBase):
         box_score_thresh: float = 0.05,
         box_nms_thresh: float = 0.5,
         box_detections_per_img: int = 100,
-        channels_last: bool = False,
-        compile: bool = False,
-        compile_mode: str | None = None,
-        compile_backend: str = "inductor",
+        **kwargs: Any,
     ) -> None:
-        if optimizer is None:
-            # torchvision's detection recipe: lr 0.02 per 16 images, weight decay on every parameter.
-            optimizer = OptimizerConfig(lr=0.02, weight_decay=1e-4, norm_weight_decay=None)
-        super().__init__(
-            num_classes, label_space, backbone, optimizer, scheduler, weights, batch_size,
-            channels_last, compile, compile_mode, compile_backend,
-        )  # fmt: skip
+        super().__init__(optimizer=optimizer, **kwargs)
         self.save_task_hyperparameters()
         self.evaluation_style = evaluation_style
 

@@ -9,12 +9,9 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation.fcn import FCNHead
 
-from resnet_tasks.backbones import BackboneConfig
 from resnet_tasks.errors import UserError
 from resnet_tasks.evaluation.segmentation import SegmentationMetrics, class_map
-from resnet_tasks.labels import LabelSpace
 from resnet_tasks.tasks.base import TaskBase
-from resnet_tasks.tasks.optim import OptimizerConfig, SchedulerConfig
 from resnet_tasks.writers.segmentation import SegmentationWriter
 
 
@@ -74,25 +71,12 @@ class SegmentationTask(TaskBase):
 
     def __init__(
         self,
-        num_classes: int | None = None,
-        label_space: LabelSpace | None = None,
-        backbone: BackboneConfig = BackboneConfig(),
-        optimizer: OptimizerConfig = OptimizerConfig(),
-        scheduler: SchedulerConfig = SchedulerConfig(),
-        weights: str | None = None,
-        batch_size: int | None = None,
         aux_loss: bool = True,
         aux_weight: float = 0.5,
         aux_lr_mult: float = 1.0,
-        channels_last: bool = False,
-        compile: bool = False,
-        compile_mode: str | None = None,
-        compile_backend: str = "inductor",
+        **kwargs: Any,
     ) -> None:
-        super().__init__(
-            num_classes, label_space, backbone, optimizer, scheduler, weights, batch_size,
-            channels_last, compile, compile_mode, compile_backend,
-        )  # fmt: skip
+        super().__init__(**kwargs)
         self.save_task_hyperparameters()
         self.aux_loss = aux_loss
         self.aux_weight = aux_weight
