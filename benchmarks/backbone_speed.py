@@ -101,10 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"  speed ratio (t_torchvision / t_ours) = {median_tv / median_ours:.3f}  (goal >= 0.98); "
         f"median of per-pair ratios = {paired:.3f}"
     )
-    if args.out:
-        write_report(args.out, result)
-        print(f"wrote {args.out}")
-    return result
+    return write_report(args.out, result)
 
 
 def bench_backbone(sizes: Sizes, device: torch.device) -> dict[str, Any]:

@@ -168,10 +168,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             paths = write_jpegs(Path(tmp), args.images, args.width, args.height, args.quality)
         result = run(paths, passes=args.passes)
     print(describe(result))
-    if args.out:
-        write_report(args.out, result)
-        print(f"wrote {args.out}")
-    return result
+    return write_report(args.out, result)
 
 
 if __name__ == "__main__":

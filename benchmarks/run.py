@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     write_report(args.out, report)
     print()
     print_table(summary_rows(results))
-    print(f"\nwrote {args.out} ({report['meta']['wall_s']:.0f} s)")
+    print(f"\n{report['meta']['wall_s']:.0f} s in all")
     return 1 if any("error" in result for result in results.values()) else 0
 
 

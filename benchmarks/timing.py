@@ -121,7 +121,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def write_report(path: Path, report: dict[str, Any]) -> None:
-    """Write a benchmark's results as indented JSON (numpy/torch scalars as floats), creating the folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2, default=float))
+def write_report(path: Path | None, report: dict[str, Any]) -> dict[str, Any]:
+    """Write a benchmark's results as indented JSON (numpy/torch scalars as floats) when `path` is given, say where,
+    and return them."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2, default=float))
+        print(f"wrote {path}")
+    return report
