@@ -3,6 +3,7 @@ fit/validate/test/predict."""
 
 from __future__ import annotations
 
+import atexit
 import json
 import math
 import os
@@ -213,6 +214,20 @@ QUICKSTART_HINT = (
     "start from a config in configs/quickstart/ (classification.yaml, detection.yaml, segmentation.yaml), e.g. "
     "resnet-tasks fit --config configs/quickstart/detection.yaml"
 )
+
+
+def _close_process_group() -> None:
+    """Destroy a torch.distributed process group left open at interpreter exit.
+
+    Lightning keeps the group for reuse; left to the interpreter's teardown, gloo's worker threads are destroyed
+    while joinable and the process aborts ("terminate called without an active exception", exit -6) after all
+    its work is done, which a scheduler would read as a failed job.
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+atexit.register(_close_process_group)
 
 
 def run_lightning(args: list[str]) -> None:
