@@ -79,13 +79,17 @@ class ResNetTasksCLI(LightningCLI):
         return space if space is not None else getattr(self, "checkpoint_label_space", None)
 
     def before_instantiate_classes(self) -> None:
-        """A checkpoint from before the label space: bring its hyper-parameters (now the model's config) up to date."""
+        """With `--ckpt_path`: keep its label space (for a folder of images, the data has none) and bring the
+        hyper-parameters of a checkpoint from before the label space (now the model's config) up to date."""
         config = self.config.get(self.config.get("subcommand") or "", None)
         ckpt_path = config.get("ckpt_path") if config is not None else None
         model = config.get("model") if config is not None else None
         if not ckpt_path or not Path(ckpt_path).is_file() or model is None or model.get("init_args") is None:
             return
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        try:
+            checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            return  # unreadable here: Lightning's own loading reports it
         info = checkpoint.get("resnet_tasks") or {}
         saved = checkpoint.get("hyper_parameters") or {}
         upgraded = upgrade_hyperparameters(info.get("task", ""), saved, info)

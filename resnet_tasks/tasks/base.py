@@ -36,6 +36,7 @@ from resnet_tasks.tasks.optim import (
     lr_scale,
     parameter_groups,
 )
+from resnet_tasks.writers import PredictionWriter
 
 # Our entry in every checkpoint: which task wrote it (the label space is in the hyper-parameters).
 CHECKPOINT_KEY = "resnet_tasks"
@@ -61,7 +62,7 @@ class TaskBase(L.LightningModule):
     # Whole-model weights for another label space: a task that maps outputs to the dataset's category ids
     # (detection) can still be evaluated; the others stop with an error.
     evaluates_across_label_spaces: ClassVar[bool] = False
-    writer_class: ClassVar[type] = type(None)
+    writer_class: ClassVar[type[PredictionWriter]] = PredictionWriter
     # Consecutive optimizer steps with a non-finite loss tolerated before training stops.
     max_consecutive_bad_steps: ClassVar[int] = 10
 

@@ -12,6 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
 from resnet_tasks.tasks.base import TaskBase
+from resnet_tasks.writers import PredictionWriter
 from resnet_tasks.writers.classification import ClassificationWriter
 
 
@@ -25,7 +26,7 @@ class ClassificationTask(TaskBase):
     task_name: ClassVar[str] = "classification"
     main_metric: ClassVar[str] = "val/top1"
     head_key: ClassVar[str] = "fc.weight"
-    writer_class: ClassVar[type] = ClassificationWriter
+    writer_class: ClassVar[type[PredictionWriter]] = ClassificationWriter
 
     def __init__(
         self,

@@ -22,6 +22,7 @@ from resnet_tasks.evaluation.detection import COCO_METRIC_NAMES, VOCDetectionAP,
 from resnet_tasks.labels import LabelSpace
 from resnet_tasks.tasks.base import TaskBase
 from resnet_tasks.tasks.optim import OptimizerConfig
+from resnet_tasks.writers import PredictionWriter
 from resnet_tasks.writers.detection import DetectionWriter
 
 CLASSIFIER_KEY = "roi_heads.box_predictor.cls_score.weight"
@@ -120,7 +121,7 @@ class DetectionTask(TaskBase):
     head_key: ClassVar[str] = CLASSIFIER_KEY
     background: ClassVar[bool] = True
     evaluates_across_label_spaces: ClassVar[bool] = True
-    writer_class: ClassVar[type] = DetectionWriter
+    writer_class: ClassVar[type[PredictionWriter]] = DetectionWriter
 
     def __init__(
         self,

@@ -12,6 +12,7 @@ from torchvision.models.segmentation.fcn import FCNHead
 from resnet_tasks.errors import UserError
 from resnet_tasks.evaluation.segmentation import SegmentationMetrics, class_map
 from resnet_tasks.tasks.base import TaskBase
+from resnet_tasks.writers import PredictionWriter
 from resnet_tasks.writers.segmentation import SegmentationWriter
 
 
@@ -67,7 +68,7 @@ class SegmentationTask(TaskBase):
     task_name: ClassVar[str] = "segmentation"
     main_metric: ClassVar[str] = "val/miou"
     head_key: ClassVar[str] = "classifier.4.weight"
-    writer_class: ClassVar[type] = SegmentationWriter
+    writer_class: ClassVar[type[PredictionWriter]] = SegmentationWriter
 
     def __init__(
         self,
