@@ -191,6 +191,7 @@ def test_grouped_batches_share_an_aspect_ratio_group_and_have_equal_counts() -> 
             again = GroupedBatchSampler(sampler, groups, batch_size=3)
             again.load_state_dict({"epoch": 1, "batches_done": 2})
             assert list(again) == emitted[2:]
+            assert again.state_dict() == {"epoch": 1, "batches_done": len(emitted)}
             lengths.append(len(emitted))
         assert len(set(lengths)) == 1
 

@@ -167,3 +167,28 @@ def test_large_scale_jitter_gives_fixed_size_crops_with_boxes_that_follow() -> N
     assert len(scales) > 3  # the scale really jitters
     with pytest.raises(UserError, match="crop_size"):
         detection_train_transform(large_scale_jitter=(0.1, 2.0))
+
+
+def test_global_batch_ema_callback_uses_the_rescaled_decay() -> None:
+    from types import SimpleNamespace
+
+    from resnet_tasks.callbacks import GlobalBatchEMA
+
+    class Tiny(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(2, 1)
+
+    callback = GlobalBatchEMA(decay=0.99998, update_every_n_steps=32)
+    trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=128), world_size=8, accumulate_grad_batches=1,
+                              max_epochs=600, is_global_zero=False)  # fmt: skip
+    callback.setup(trainer, Tiny(), "fit")
+    assert callback.decay == pytest.approx(global_batch_ema_decay(0.99998, 1024, 32, 600))
+    # The averaged model really uses it: after a copy of the first weights, each update moves (1 - decay) of
+    # the way towards the current weights.
+    average = callback._average_model
+    first, second = Tiny(), Tiny()
+    average.update_parameters(first)
+    average.update_parameters(second)
+    expected = callback.decay * first.layer.weight + (1 - callback.decay) * second.layer.weight
+    torch.testing.assert_close(average.module.layer.weight, expected)

@@ -131,20 +131,23 @@ class CocoDetectionDataModule(DetectionDataModule):
         **kwargs: Any,
     ) -> None:
         super().__init__(train_split=train_split, val_split=val_split, test_split=test_split, **kwargs)
-        self.category_ids: list[int] = []
         if self.root is None and self.predict_path is not None:
             return  # predicting on a folder: the label space comes from the model's weights
         root_dir = self.require_coco_root()
         path = self.annotation_file(self.val_split)
         data = read_json(path)
         categories = coco_categories(data, path)
-        self.category_ids = [entry["id"] for entry in categories]
-        self.set_label_space([str(entry["name"]) for entry in categories], self.category_ids)
+        self.set_label_space([str(entry["name"]) for entry in categories], [entry["id"] for entry in categories])
         # The val split is parsed now anyway: keep its compact arrays, drop the JSON.
         self._annotations[self.val_split] = parse_coco_annotations(
             path, self.val_split, root_dir, self.category_ids, data
         )
         self._annotations[self.val_split].report_fixed_boxes()
+
+    @property
+    def category_ids(self) -> list[int]:
+        """The dataset's category ids of labels 1..K (sorted), from the label space."""
+        return [] if self.label_space is None else list(self.label_space.category_ids[1:])
 
     def require_coco_root(self) -> Path:
         if self.root is None:

@@ -145,7 +145,6 @@ class VOCDetectionDataModule(DetectionDataModule):
     ) -> None:
         super().__init__(train_split=train_split, val_split=val_split, test_split=test_split, **kwargs)
         names = list(class_names or VOC_CLASSES)
-        self.object_names = names
         self.set_label_space(names, range(1, len(names) + 1))
         for split in (self.train_split, self.val_split, self.test_split):
             parse_split(split)  # bad split strings fail at once, not after the first epoch
@@ -154,4 +153,4 @@ class VOCDetectionDataModule(DetectionDataModule):
         root = self.require_root()
         if not (root / "VOCdevkit").is_dir():
             raise UserError(f"Missing folder {root / 'VOCdevkit'}.\n{VOC_LAYOUT}")
-        return load_voc_split(root, split, self.object_names)
+        return load_voc_split(root, split, self.label_space.object_names)
