@@ -103,23 +103,39 @@ def test_parameter_groups_exclude_norm_and_bias_from_decay_and_scale_backbone_lr
     assert total == sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def test_non_finite_loss_skips_then_aborts_naming_the_term() -> None:
+@pytest.mark.parametrize("fused", [True, False])
+def test_non_finite_loss_skips_then_aborts_naming_the_term(fused: bool, capsys: pytest.CaptureFixture) -> None:
+    """NaN steps leave weights and momentum untouched (fused: decided on the device; else on the host), a finite
+    step then trains, the skipped steps are reported at the next check, and K consecutive ones abort."""
     from resnet_tasks.errors import UserError
 
     model = ClassificationTask(num_classes=3, backbone={"name": "resnet18"})
-    model.training_losses = lambda batch: {"loss_cls": torch.tensor(float("nan"))}  # type: ignore[method-assign]
+    value = {"loss": float("nan")}
+    model.training_losses = lambda batch: {"loss_cls": model.fc.weight.sum() * value["loss"]}  # type: ignore[method-assign]
     model.log = lambda *args, **kwargs: None  # type: ignore[method-assign]
-    model.print = lambda *args, **kwargs: None  # type: ignore[method-assign]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=fused or None)
     batch = {"image": torch.zeros(1, 3, 8, 8), "label": torch.zeros(1, dtype=torch.long)}
-    for _ in range(model.max_consecutive_bad_steps - 1):
+
+    def step() -> None:
+        optimizer.zero_grad()
         loss = model.training_step(batch, 0)
-        assert loss.item() == 0.0 and model._skip_optimizer_step
-        loss.backward()
-        assert all(p.grad is not None and not p.grad.any() for p in model.parameters() if p.requires_grad)
-        model.zero_grad(set_to_none=True)
-        model._skip_optimizer_step = False
-    with pytest.raises(UserError, match="loss_cls"):
-        model.training_step(batch, 0)
+        model.optimizer_step(0, 0, optimizer, lambda: loss.backward())
+        model.on_train_batch_end(None, batch, 0)
+
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    for _ in range(3):
+        step()
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert all(not state.get("momentum_buffer", torch.zeros(1)).any() for state in optimizer.state.values())
+    value["loss"] = 1.0
+    step()
+    assert not torch.equal(model.fc.weight, before["fc.weight"])
+    model.on_train_epoch_end()
+    assert "Non-finite loss term(s) ['loss_cls'] in 3 of the 4 steps" in capsys.readouterr().out
+    value["loss"] = float("nan")
+    with pytest.raises(UserError, match=r"loss_cls.*10 consecutive"):
+        for _ in range(model.max_consecutive_bad_steps):
+            step()
 
 
 def test_help_and_no_arguments_list_every_command(run_cli) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 
@@ -73,10 +74,9 @@ def test_detection_bf16_skips_non_finite_steps_then_trains(
         "--trainer.default_root_dir", tmp_path / "run", *COMMON_TRAINER_ARGS,
     )  # fmt: skip
     assert code == 0, err
-    assert out.count("Non-finite loss term(s) ['loss_box_reg']") == 2
-    assert "(2 consecutive); skipping this step" in out
+    assert re.search(r"Non-finite loss term\(s\) \['loss_box_reg'\] in 2 of the \d steps up to step \d", out), out
     losses = logged_train_losses(tmp_path / "run")
-    assert len(losses) == 2 and all(math.isfinite(value) for value in losses)  # only the 2 good steps log
+    assert len(losses) == 4 and [math.isfinite(value) for value in losses] == [False, False, True, True]
     assert {"map", "map_50", "map_75"} <= set(read_metrics(out))
 
 
@@ -93,4 +93,4 @@ def test_detection_aborts_after_consecutive_non_finite_steps(
     assert code == 2, err  # a UserError: one line on stderr, no traceback
     assert err.strip().splitlines()[-1].startswith("error: Training diverged: loss term(s) ['loss_box_reg'] were ")
     assert "3 consecutive steps" in err and "Traceback" not in err
-    assert out.count("Non-finite loss term(s) ['loss_box_reg']") == 2  # steps 1 and 2 skipped, step 3 aborts
+    assert "up to step 3" in err  # the guard reads its device counters every K steps: it aborts at step 3

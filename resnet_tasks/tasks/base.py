@@ -28,6 +28,7 @@ from resnet_tasks.callbacks import RNGState, SkipReport
 from resnet_tasks.config import as_config
 from resnet_tasks.errors import UserError
 from resnet_tasks.labels import LabelSpace, upgrade_hyperparameters
+from resnet_tasks.tasks.guard import StepGuard, all_reduce_max, prepare_momentum, supports_found_inf
 from resnet_tasks.tasks.optim import (
     OptimizerConfig,
     SchedulerConfig,
@@ -45,6 +46,10 @@ CHECKPOINT_KEY = "resnet_tasks"
 def no_weights(spec: str | None) -> bool:
     """True for an unset weights spec (jsonargparse may hand `null` on the command line over as "None")."""
     return spec is None or str(spec).strip().lower() in ("", "none", "null")
+
+
+# `--model.tta`: none, horizontal flip, or flip at several scales (where the task supports scales).
+TTA_MODES = ("none", "flip", "flip_scales")
 
 
 class TaskBase(L.LightningModule):
@@ -79,8 +84,16 @@ class TaskBase(L.LightningModule):
         compile: bool = False,
         compile_mode: str | None = None,
         compile_backend: str = "inductor",
+        tta: str = "none",
+        log_images: int = 0,
     ) -> None:
         super().__init__()
+        if tta not in TTA_MODES:
+            raise UserError(f"--model.tta {tta!r} is not one of {', '.join(TTA_MODES)}.")
+        # Test-time augmentation for validate/test (never training): logits averaged over flips (and scales).
+        self.tta = tta
+        # Validation pictures (gallery, PR curve, confusion matrix) logged to TensorBoard each epoch: N images.
+        self.log_images = int(log_images)
         # Speed options (no effect on results beyond float rounding; export ignores them): NHWC memory format,
         # and torch.compile of the backbone in place (nn.Module.compile keeps state-dict keys unchanged).
         self.channels_last = channels_last
@@ -100,8 +113,7 @@ class TaskBase(L.LightningModule):
         self.skip_pretrained_weights = False
         self._pretrained_loaded = False
         self._restored_from_checkpoint = False
-        self._bad_steps = 0
-        self._skip_optimizer_step = False
+        self.step_guard = StepGuard(self.max_consecutive_bad_steps)
 
     # ----------------------------------------------------------------- label space
     def label_space_for_count(self, count: int) -> LabelSpace:
@@ -284,59 +296,67 @@ class TaskBase(L.LightningModule):
         raise NotImplementedError(f"{type(self).__name__} must implement batch_size_of()")
 
     def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-        losses = self.training_losses(batch) if batch is not None else {}
-        bad = [name for name, value in losses.items() if not torch.isfinite(value.detach()).all()]
-        # Every rank must take the same decision: a rank that skipped alone would leave DDP's gradient
-        # all-reduce waiting. One collective carries both flags.
-        flags = torch.tensor([float(bool(bad)), float(batch is None)], device=self.device)
-        if self._trainer is not None and self.trainer.world_size > 1:
-            flags = self.trainer.strategy.reduce(flags, reduce_op="max")
-        any_bad, any_empty = bool(flags[0]), bool(flags[1])
-        if any_bad or any_empty:
-            self._skip_optimizer_step = True
-            if any_bad:
-                self._count_bad_step(bad or ["(on another rank)"])
-            # A zero loss that touches every trainable parameter: backward (and DDP's sync) still run, the
-            # gradients are zero, and optimizer_step below leaves the weights and optimizer state untouched.
+        losses = self.training_losses(batch) if batch is not None else None
+        # No host sync here: the guard keeps the finite check on the device; the optimizer step consumes it.
+        loss = self.step_guard.flag(losses, self.device)
+        if loss is None:
+            # An empty batch (every image skipped): a zero loss that touches every trainable parameter, so backward
+            # and DDP's gradient sync still run; the guard skips this rank's update (and every rank's, after the
+            # flags are reduced).
             zero = torch.zeros((), device=self.device)
             return sum((p.sum() * 0.0 for p in self.parameters() if p.requires_grad), zero)
-        self._bad_steps = 0
         size = self.batch_size_of(batch)
-        loss = sum(losses.values())
         if len(losses) > 1:
             for name, value in losses.items():
                 self.log(f"train/{name}", value.detach(), batch_size=size)
+        # A skipped step logs its (non-finite) loss as it was.
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
         return loss
 
-    def _count_bad_step(self, bad: list[str]) -> None:
-        self._bad_steps += 1
-        if self._bad_steps >= self.max_consecutive_bad_steps:
-            raise UserError(
-                f"Training diverged: loss term(s) {bad} were non-finite for {self._bad_steps} consecutive "
-                "steps. Lower --model.optimizer.lr, add warmup (--model.scheduler.warmup_steps), or use "
-                "bf16-mixed instead of 16-mixed precision."
-            )
-        self.print(
-            f"Non-finite loss term(s) {bad} at step {self.global_step} ({self._bad_steps} consecutive); "
-            "skipping this step."
-        )
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.step_guard.steps_since_check >= self.max_consecutive_bad_steps:
+            self.step_guard.check(self.global_step)
+
+    def on_train_epoch_end(self) -> None:
+        self.step_guard.check(self.global_step)
+
+    def on_train_end(self) -> None:
+        self.step_guard.check(self.global_step)
+
+    def _reduce_over_ranks(self) -> Any:
+        """A max over ranks of the guard's flags: a plain all-reduce (Lightning's `reduce` adds a barrier, which
+        blocks the host under NCCL)."""
+        if self._trainer is None or self.trainer.world_size <= 1 or not torch.distributed.is_initialized():
+            return None
+        return all_reduce_max
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
-        """Lightning's step, except that a step flagged by `training_step` leaves weights and state as they are.
+        """Lightning's step, except that a step the guard skips leaves weights and optimizer state as they are.
 
-        The closure (forward + backward) runs inside `optimizer.step` for some precision plugins and before
-        it for others, so the decision is taken in the innermost `step` call, after the closure has run.
+        The closure (forward + backward) runs inside `optimizer.step` for some precision plugins and before it for
+        others, so the decision is taken in the innermost `step` call, after the closure (and DDP's gradient
+        all-reduce) has run. Fused optimizers skip on the device through GradScaler's `found_inf`; any other
+        optimizer reads the decision on the host (one sync per step).
         """
         inner = getattr(optimizer, "optimizer", optimizer)
         original_step = inner.step
 
         def step_unless_skipped(closure: Any = None, **kwargs: Any) -> Any:
             result = closure() if closure is not None else None
-            if self._skip_optimizer_step:
-                self._skip_optimizer_step = False
-                return result
-            return original_step(**kwargs)
+            skip = self.step_guard.decide(self._reduce_over_ranks())
+            if not supports_found_inf(inner):
+                return result if bool(skip) else original_step(**kwargs)
+            prepare_momentum(inner)
+            scaler_found_inf = getattr(inner, "found_inf", None)  # set by GradScaler under 16-mixed
+            inner.found_inf = skip if scaler_found_inf is None else torch.maximum(scaler_found_inf, skip.float())
+            try:
+                original_step(**kwargs)
+            finally:
+                if scaler_found_inf is None:
+                    del inner.found_inf
+                else:
+                    inner.found_inf = scaler_found_inf
+            return result
 
         patched_by_someone = "step" in vars(inner)  # e.g. an LR scheduler's step counter
         inner.step = step_unless_skipped
