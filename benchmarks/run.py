@@ -35,6 +35,7 @@ RUNNERS: dict[str, tuple[str, str]] = {
     "segmentation_metric": ("segmentation_metric", "bench_segmentation_metric"),
     "backbone": ("backbone_speed", "bench_backbone"),
     "gpu": ("gpu", "bench_gpu"),
+    "streaming": ("streaming", "bench_streaming"),
 }
 BENCHMARKS = tuple(RUNNERS)
 
@@ -115,10 +116,19 @@ def summary_rows(results: dict[str, Any]) -> list[tuple[str, str, str, str]]:
                 ("backbone", f"t_torchvision/t_ours {result['name']} fwd+bwd batch {result['batch_size']}x"
                  f"{result['size']}", _fmt(result["speed_ratio_ours_over_torchvision"]), ">= 0.98")
             )  # fmt: skip
+        elif name == "streaming":
+            rows.append(
+                ("streaming", f"images/s/core chunks {result['images_per_s_per_core_chunks']:.0f} vs files "
+                 f"{result['images_per_s_per_core_files']:.0f} ({result['images']} images)",
+                 _fmt(result["ratio_chunks_over_files"]), "")
+            )  # fmt: skip
         elif name == "gpu":
-            for label, figures in result.items():
-                if isinstance(figures, dict):
-                    rows.append((f"gpu/{label}", "training images/s", f"{figures['images_per_s']:.0f}", ""))
+            for cell in result.get("cells", []):
+                figures = ("train_images_per_s", "infer_images_per_s", "data_images_per_s")
+                figure = next((key for key in figures if key in cell), None)
+                what = f"{cell['path']}, {cell['variant']}, {cell['data']}: {figure or 'no figure'}"
+                value = _fmt(cell[figure], 0) if figure else cell.get("error") or cell.get("skipped") or ""
+                rows.append((f"gpu/{cell['task']}", what, value, ""))
     return rows
 
 

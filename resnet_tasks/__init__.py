@@ -24,6 +24,8 @@ _EXPORTS = {
     "VOCSegmentationDataModule": "resnet_tasks.data.voc_segmentation",
     "ShapesSegmentationDataModule": "resnet_tasks.data.voc_segmentation",
     "CocoSegmentationDataModule": "resnet_tasks.data.coco_segmentation",
+    "StreamingClassificationDataModule": "resnet_tasks.data.streaming",
+    "StreamingDetectionDataModule": "resnet_tasks.data.streaming",
 }
 __all__ = sorted(_EXPORTS)
 

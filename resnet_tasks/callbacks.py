@@ -1,20 +1,26 @@
-"""Trainer callbacks: a checkpoint on SIGTERM/SIGINT, `last.ckpt`, RNG streams in checkpoints, the skip report."""
+"""Trainer callbacks: a checkpoint on SIGTERM/SIGUSR1/SIGINT (SIGUSR1 also requeues a SLURM job), `last.ckpt`,
+RNG streams in checkpoints, the skip report."""
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import signal
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.optim.swa_utils import get_ema_avg_fn
 
 INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
+LAST_CHECKPOINT = "last.ckpt"
 # Where RNGState keeps the global RNG streams in a checkpoint (a top-level key, as since the first release).
 RNG_KEY = "resnet_tasks_rng"
 
@@ -66,43 +72,134 @@ class SkipReport(Callback):
             pl_module.print(report)
 
 
-class InterruptCheckpoint(Callback):
-    """Stop at the next step boundary on SIGTERM or Ctrl+C and write `checkpoints/interrupted.ckpt`.
+def slurm_job_id() -> str | None:
+    """The id `scontrol requeue` takes for this SLURM job (`<array job>_<task>` in a job array), or None."""
+    array_job = os.environ.get("SLURM_ARRAY_JOB_ID")
+    if array_job and os.environ.get("SLURM_ARRAY_TASK_ID"):
+        return f"{array_job}_{os.environ['SLURM_ARRAY_TASK_ID']}"
+    return os.environ.get("SLURM_JOB_ID")
 
-    Lightning turns SIGTERM into a clean stop after the current step; we treat the first SIGINT the same way
-    (a second one aborts at once), so the checkpoint always holds a consistent state that `--ckpt_path`
-    resumes exactly.
+
+def in_slurm_batch_job() -> bool:
+    """Inside a SLURM job that can be requeued (not an interactive `srun --job-name bash|interactive` shell)."""
+    return slurm_job_id() is not None and SLURMEnvironment.job_name() not in ("bash", "interactive")
+
+
+def requeue_slurm_job() -> bool:
+    """`scontrol requeue` this job (found on PATH); prints what happened, returns whether it worked."""
+    job_id = slurm_job_id()
+    scontrol = shutil.which("scontrol")
+    if job_id is None or scontrol is None:
+        print(f"not requeued: {'no scontrol on PATH' if job_id else 'not a SLURM job'}", flush=True)
+        return False
+    result = subprocess.run([scontrol, "requeue", job_id], capture_output=True, text=True)
+    if result.returncode != 0:
+        print(f"scontrol requeue {job_id} failed ({result.returncode}): {result.stderr.strip()}", flush=True)
+        return False
+    print(f"requeued SLURM job {job_id}: it resumes from this checkpoint when it starts again", flush=True)
+    return True
+
+
+def requeued_slurm_job() -> bool:
+    """This process belongs to a SLURM job that was requeued (SLURM counts restarts in SLURM_RESTART_COUNT)."""
+    return in_slurm_batch_job() and int(os.environ.get("SLURM_RESTART_COUNT") or 0) > 0
+
+
+def find_resume_checkpoint(root: str | Path) -> Path | None:
+    """The newest readable `interrupted.ckpt` or `last.ckpt` of the runs under `root` (a `default_root_dir`)."""
+    from resnet_tasks.checkpoint_io import checkpoint_problem
+
+    root = Path(root)
+    found = [p for name in (INTERRUPTED_CHECKPOINT, LAST_CHECKPOINT) for p in root.rglob(name) if p.is_file()]
+    for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
+        if checkpoint_problem(path) is None:
+            return path
+    return None
+
+
+class InterruptCheckpoint(Callback):
+    """Stop at the next step boundary on SIGTERM, SIGUSR1 or Ctrl+C and write `checkpoints/interrupted.ckpt`.
+
+    The checkpoint holds a consistent state (never one taken mid-step) that `--ckpt_path` resumes exactly. A second
+    Ctrl+C aborts at once. SIGUSR1 is SLURM's warning before a time limit (`#SBATCH --signal=SIGUSR1@90`): inside a
+    SLURM job the job is then requeued with `scontrol requeue`, and the requeued job resumes from the checkpoint
+    (see `find_resume_checkpoint`). A signal during a validation stops at its end. Under DDP the ranks agree every
+    `agree_every_n_steps` optimizer steps whether any of them got a signal, so they all stop after the same step,
+    whichever rank it reached.
     """
 
-    def __init__(self) -> None:
-        self._previous_handler: Any = None
-        self.path: Path | None = None
+    SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        try:
-            self._previous_handler = signal.signal(signal.SIGINT, self._make_handler(trainer))
-        except ValueError:  # not the main thread: leave SIGINT alone
-            self._previous_handler = None
+    def __init__(self, agree_every_n_steps: int = 10) -> None:
+        # Under DDP the ranks compare their flags every N optimizer steps (a host sync; never every step).
+        self.agree_every_n_steps = max(1, int(agree_every_n_steps))
+        self._previous_handlers: dict[int, Any] = {}
+        self._stop = False
+        self._requeue = False  # a SIGUSR1 came (also when a SIGTERM follows it before the checkpoint is written)
+        self.path: Path | None = None
+        self.requeued = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Here, not in on_fit_start: Lightning installs its SIGTERM handler between the two, and ours replaces it.
+        self._stop = self._requeue = False
+        handler = self._make_handler(trainer)
+        for signum in self.SIGNALS:
+            try:
+                self._previous_handlers[signum] = signal.signal(signum, handler)
+            except ValueError:  # not the main thread: leave the signals alone
+                break
 
     def _make_handler(self, trainer: L.Trainer) -> Any:
         def handle(signum: int, frame: Any) -> None:
-            if trainer.received_sigterm:
+            if signum == signal.SIGINT and self._stop:
                 raise KeyboardInterrupt
-            print("\nInterrupted: finishing this step and saving a checkpoint (Ctrl+C again aborts).", flush=True)
-            trainer._signal_connector.received_sigterm = True
+            if not self._stop and trainer.is_global_zero:
+                again = " (Ctrl+C again aborts)" if signum == signal.SIGINT else ""
+                name = signal.Signals(signum).name
+                print(f"\n{name}: finishing this step and saving a checkpoint{again}.", flush=True)
+            self._stop = True
+            self._requeue = self._requeue or signum == signal.SIGUSR1
+            if trainer.world_size == 1 and trainer.training:
+                trainer._signal_connector.received_sigterm = True  # Lightning stops after this step
 
         return handle
 
-    def _restore_handler(self) -> None:
-        if self._previous_handler is not None:
-            signal.signal(signal.SIGINT, self._previous_handler)
-            self._previous_handler = None
+    def _agree(self, trainer: L.Trainer) -> None:
+        """At the same point on every rank: stop if any rank was signalled (requeue if any got SIGUSR1)."""
+        if trainer.world_size > 1 and torch.distributed.is_initialized():
+            flags = torch.tensor([int(self._stop), int(self._requeue)], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
+            self._stop, self._requeue = (bool(flag) for flag in flags.tolist())
+        if self._stop:
+            trainer._signal_connector.received_sigterm = True
 
-    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore_handler()
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        # Every rank reaches the same optimizer steps: agreeing every N of them keeps the ranks in step without a
+        # host sync per step (a stop comes at most N steps after the signal; SLURM warns ~90 s ahead).
+        if trainer.world_size == 1 or trainer.global_step % self.agree_every_n_steps == 0:
+            self._agree(trainer)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A stop decided at an epoch's last step: Lightning would abort the validation that follows at its first
+        # batch (no checkpoint: not training); let that validation run whole, and stop at its end instead.
+        if trainer.state.fn == "fit" and not trainer.sanity_checking and self._stop:
+            trainer._signal_connector.received_sigterm = False
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._agree(trainer)
+
+    def _restore_handlers(self) -> None:
+        for signum, previous in self._previous_handlers.items():
+            if previous is not None:
+                signal.signal(signum, previous)
+        self._previous_handlers = {}
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._restore_handlers()
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore_handler()
+        self._restore_handlers()
         if not isinstance(exception, SIGTERMException) or not trainer.training:
             return
         self.path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / INTERRUPTED_CHECKPOINT
@@ -113,8 +210,11 @@ class InterruptCheckpoint(Callback):
             # the next epoch's start looks like instead, so the run and its data resume at that epoch's batch 0.
             trainer.fit_loop.epoch_loop.batch_progress.reset_on_run()
         trainer.save_checkpoint(self.path, weights_only=False)
-        if trainer.is_global_zero:
-            print(f"checkpoint written on interrupt: {self.path} (resume with --ckpt_path {self.path})")
+        if not trainer.is_global_zero:
+            return
+        print(f"checkpoint written on interrupt: {self.path} (resume with --ckpt_path {self.path})", flush=True)
+        if self._requeue and in_slurm_batch_job():
+            self.requeued = requeue_slurm_job()
 
 
 class LastCheckpoint(Callback):
@@ -130,7 +230,7 @@ class LastCheckpoint(Callback):
         checkpoint_callback = trainer.checkpoint_callback
         dirpath = getattr(checkpoint_callback, "dirpath", None) if checkpoint_callback is not None else None
         folder = Path(dirpath) if dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
-        trainer.save_checkpoint(folder / "last.ckpt", weights_only=False)
+        trainer.save_checkpoint(folder / LAST_CHECKPOINT, weights_only=False)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit":

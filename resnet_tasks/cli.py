@@ -18,8 +18,12 @@ import torch
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.environments import ClusterEnvironment, SLURMEnvironment
+from lightning.pytorch.plugins.io import CheckpointIO
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
-from resnet_tasks.callbacks import InterruptCheckpoint, LastCheckpoint
+from resnet_tasks.callbacks import InterruptCheckpoint, LastCheckpoint, find_resume_checkpoint, requeued_slurm_job
+from resnet_tasks.checkpoint_io import AtomicCheckpointIO, check_checkpoint_file
 from resnet_tasks.errors import UserError, find_user_error
 from resnet_tasks.labels import LabelSpace, upgrade_hyperparameters
 
@@ -60,6 +64,17 @@ def write_metrics_json(trainer: L.Trainer, prefix: str) -> Path | None:
     return path
 
 
+def trainer_plugins(given: Any) -> list[Any]:
+    """The user's `trainer.plugins` plus ours: atomic checkpoint writes and, on SLURM, its environment without
+    Lightning's auto-requeue (InterruptCheckpoint owns SIGUSR1: one checkpoint, taken at a step boundary)."""
+    plugins = list(given) if isinstance(given, (list, tuple)) else ([] if given is None else [given])
+    if not any(isinstance(p, CheckpointIO) for p in plugins):
+        plugins.append(AtomicCheckpointIO())
+    if SLURMEnvironment.detect() and not any(isinstance(p, ClusterEnvironment) for p in plugins):
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+    return plugins
+
+
 class ResNetTasksCLI(LightningCLI):
     """LightningCLI with the project's links and defaults (checkpoint on the main metric, loggers, writers)."""
 
@@ -77,6 +92,14 @@ class ResNetTasksCLI(LightningCLI):
         """The data's label space; with none (a folder of images to predict), the one of `--ckpt_path`'s model."""
         space = getattr(datamodule, "label_space", None)
         return space if space is not None else getattr(self, "checkpoint_label_space", None)
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse, then refuse a truncated or damaged `--ckpt_path` with one clear error (before Lightning reads it)."""
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = self.config[subcommand].get("ckpt_path") if subcommand else None
+        if ckpt_path and Path(ckpt_path).is_file():
+            check_checkpoint_file(ckpt_path)
 
     def before_instantiate_classes(self) -> None:
         """With `--ckpt_path`: keep its label space (for a folder of images, the data has none) and bring the
@@ -141,6 +164,7 @@ class ResNetTasksCLI(LightningCLI):
             if not any(isinstance(c, PredictionWriter) for c in callbacks):
                 callbacks.append(self.model.writer_class())
         kwargs["callbacks"] = callbacks
+        kwargs["plugins"] = trainer_plugins(config.get("plugins"))
         return super().instantiate_trainer(**kwargs)
 
     def _prepare_model(self) -> None:
@@ -159,6 +183,13 @@ class ResNetTasksCLI(LightningCLI):
             )
 
     def before_fit(self) -> None:
+        if not self._get(self.config_init, "ckpt_path", default=None) and requeued_slurm_job():
+            # A requeued SLURM job runs its script again: it continues from the newest checkpoint of its runs.
+            found = find_resume_checkpoint(self.trainer.default_root_dir)
+            if found is not None:
+                self.config_init[f"{self.subcommand}.ckpt_path"] = str(found)
+                if rank_zero_only.rank == 0:
+                    print(f"requeued SLURM job: resuming from {found}", flush=True)
         self._prepare_model()
 
     def before_validate(self) -> None:
@@ -171,16 +202,22 @@ class ResNetTasksCLI(LightningCLI):
         self._prepare_model()
 
     def after_fit(self) -> None:
-        write_metrics_json(self.trainer, METRIC_PREFIXES["fit"])
+        self.write_report(write_metrics_json(self.trainer, METRIC_PREFIXES["fit"]))
         best = getattr(self.trainer.checkpoint_callback, "best_model_path", "")
         if self.trainer.is_global_zero and best:
             print(f"best checkpoint: {best}")
 
     def after_validate(self) -> None:
-        write_metrics_json(self.trainer, METRIC_PREFIXES["validate"])
+        self.write_report(write_metrics_json(self.trainer, METRIC_PREFIXES["validate"]))
 
     def after_test(self) -> None:
-        write_metrics_json(self.trainer, METRIC_PREFIXES["test"])
+        self.write_report(write_metrics_json(self.trainer, METRIC_PREFIXES["test"]))
+
+    def write_report(self, metrics_path: Path | None) -> None:
+        """per_class.csv, pictures and report.html beside metrics.json (rank 0: the only one with a path)."""
+        from resnet_tasks.report.run import write_run_report
+
+        write_run_report(metrics_path, self.model)
 
 
 def _user_message(error: BaseException) -> str:
@@ -296,11 +333,25 @@ def plot(args: list[str]) -> None:
     plot_main(args)
 
 
+@register("report", "build report.html (metrics, per-class table, pictures) for finished runs: report RUN_DIR...")
+def report(args: list[str]) -> None:
+    from resnet_tasks.report.run import main as report_main
+
+    report_main(args)
+
+
 @register("export", "export a trained model to ONNX: export --config FILE (--ckpt_path CKPT | --model.weights SPEC)")
 def export(args: list[str]) -> None:
     from resnet_tasks.export import main as export_main
 
     export_main(args)
+
+
+@register("optimize", "write a dataset split as LitData chunks for streaming: optimize --data.root DIR --out OUT")
+def optimize(args: list[str]) -> None:
+    from resnet_tasks.optimize import main as optimize_main
+
+    optimize_main(args)
 
 
 def usage() -> str:

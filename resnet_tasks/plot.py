@@ -128,3 +128,37 @@ def main(argv: list[str]) -> None:
     metrics = args.metric or ["train/loss"]
     path = plot_runs(args.runs, metrics, args.out, error=args.error, window=args.smooth)
     print(f"plot written: {path}")
+
+
+def plot_run_curves(metrics_csv: Path, out: Path, window: int = 20) -> Path | None:
+    """One run's training curves from its CSV log: the training loss terms (smoothed) and the validation numbers
+    without a per-class part (e.g. val/map, val/loss), side by side. None when the run logged no training."""
+    curves = read_curves(metrics_csv)
+    train = {name: points for name, points in curves.items() if name.startswith("train/")}
+    val = {name: points for name, points in curves.items() if name.startswith("val/") and name.count("/") == 1}
+    if not train:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for name, points in sorted(train.items()):
+        steps, values = zip(*points)
+        left.plot(steps, smooth(list(values), window), lw=1.0, label=name)
+    left.set_title("training (moving average)", fontsize=10)
+    for name, points in sorted(val.items()):
+        steps, values = zip(*points)
+        right.plot(steps, values, marker="o", ms=3, label=name)
+    right.set_title("validation", fontsize=10)
+    for axes in (left, right):
+        axes.set_xlabel("iteration")
+        axes.grid(alpha=0.3)
+        if axes.lines:
+            axes.legend(fontsize=7)
+    fig.tight_layout()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

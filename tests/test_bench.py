@@ -49,3 +49,48 @@ def test_suite_tiny_writes_every_figure(
     assert report["memory"]["ours"]["samples"] >= 2
     printed = capsys.readouterr().out
     assert "lightning/detection" in printed and "coco_eval/" in printed
+
+
+def test_gpu_benchmark_cpu_fallback_prints_the_table_and_says_what_it_skipped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`python benchmarks/gpu.py` without CUDA: the same table at tiny sizes, every skipped cell with its reason."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS_DIR))
+    gpu = importlib.import_module("gpu")
+    out = tmp_path / "gpu"
+    assert gpu.main(["--device", "cpu", "--out", str(out)]) == 0  # no cell failed
+    report = json.loads(out.with_suffix(".json").read_text())
+    cells = report["cells"]
+    assert {(c["task"], c["path"]) for c in cells} >= {(t, p) for t in gpu.TASKS for p in gpu.PATHS[:3]}
+    for task in gpu.TASKS:
+        measured = {
+            c["path"]: c for c in cells if c["task"] == task and c["variant"] == "eager" and c["data"] == "memory"
+        }
+        assert measured["loop (torchvision)"]["train_images_per_s"] > 0
+        assert measured["Trainer (ours)"]["train_images_per_s"] > 0
+        assert measured["inference (ours)"]["infer_images_per_s"] > 0
+        jpeg = [c for c in cells if c["task"] == task and c["data"] == "jpeg" and c["path"] == "Trainer (ours)"]
+        assert jpeg and jpeg[0]["train_images_per_s"] > 0
+        data = [c for c in cells if c["task"] == task and c["path"] == "data path alone" and "workers" in c["variant"]]
+        assert len(data) == len(gpu.CPU_PLAN.workers) and all(c["data_images_per_s"] > 0 for c in data)
+    skipped = [c for c in cells if "skipped" in c]
+    assert {c["variant"] for c in skipped} >= {"channels_last+compile"} and all(c["skipped"] for c in skipped)
+    assert any(c["data"] == "jpeg, GPU decode" and "needs CUDA" in c["skipped"] for c in skipped)
+    assert set(report["profiles"]) == {"detection", "segmentation"}
+    printed = capsys.readouterr().out
+    assert "CPU fallback" in printed and "skipped classification / Trainer (ours) / eager / jpeg, GPU decode" in printed
+    assert "top ops by self CPU time" in printed and "## backbone" in printed
+    markdown = out.with_suffix(".md").read_text()
+    assert markdown.count("| classification |") >= 10 and "Skipped:" in markdown
+
+
+def test_readme_gpu_wheels_are_the_versions_the_tests_run_with() -> None:
+    """The README's `pip download` for the GPU machine pins every package to the version installed here."""
+    import re
+    from importlib.metadata import version
+
+    readme = (BENCHMARKS_DIR.parent / "README.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S) if "pip download" in b)
+    pins = dict(re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s\\]*)", block))
+    assert {"jsonargparse", "albumentations", "pydantic-core", "pycocotools", "faster-coco-eval"} <= set(pins)
+    assert {name: version(name) for name in pins} == pins

@@ -91,6 +91,12 @@ def metrics_in(root_dir: Path) -> dict[str, float]:
     return json.loads(path.read_text())
 
 
+def per_class_in(root_dir: Path) -> str:
+    """The per_class.csv of the single run under `root_dir` (written beside metrics.json)."""
+    (path,) = root_dir.glob("lightning_logs/version_*/per_class.csv")
+    return path.read_text()
+
+
 def fit_reference(task_args: list[str], data_args: list[str], folder: Path) -> tuple[Path, dict[str, float]]:
     """1 process: a short fit for a checkpoint, then `validate` on it; returns (checkpoint, metrics)."""
     from resnet_tasks.cli import main
@@ -141,6 +147,7 @@ def test_classification_ddp_matches_one_process(tmp_path: Path) -> None:
     output = run_ddp_plan(ddp_steps(CLASSIFICATION, data, checkpoint, tmp_path, fit_args), tmp_path)
 
     assert metrics_in(tmp_path / "val2") == reference, output[-3000:]
+    assert per_class_in(tmp_path / "val2") == per_class_in(tmp_path / "val1")  # rank 0 wrote it from all ranks
     assert {"loss", "top1", "top5"} <= set(reference) and 0 < reference["top1"] < 1
     # The recipe's LR (0.01 here) is for 256 images: 2 processes x 4 images use 0.01 x 8 / 256.
     assert "global batch 8 (4 per device x 2 device(s) x 1 accumulation)" in output, output[-3000:]
@@ -161,6 +168,7 @@ def test_detection_ddp_matches_one_process(tiny_shapes: Path, tmp_path: Path) ->
     output = run_ddp_plan(ddp_steps(DETECTION, data, checkpoint, tmp_path, fit_args), tmp_path)
 
     assert metrics_in(tmp_path / "val2") == reference, output[-3000:]
+    assert per_class_in(tmp_path / "val2") == per_class_in(tmp_path / "val1")  # rank 0 wrote it from all ranks
     assert {"map", "map_50", "map_75"} <= set(reference)
     results = json.loads(next((tmp_path / "pred2").glob("lightning_logs/version_0/predictions.json")).read_text())
     ground_truth = json.loads((tiny_shapes / "coco" / "annotations" / "instances_val2017.json").read_text())
@@ -177,6 +185,7 @@ def test_segmentation_ddp_matches_one_process(tiny_shapes: Path, tmp_path: Path)
     output = run_ddp_plan(ddp_steps(SEGMENTATION, data, checkpoint, tmp_path), tmp_path)
 
     assert metrics_in(tmp_path / "val2") == reference, output[-3000:]
+    assert per_class_in(tmp_path / "val2") == per_class_in(tmp_path / "val1")  # rank 0 wrote it from all ranks
     assert 0 < reference["miou"] < 1 and any(name.startswith("iou/") for name in reference)
     assert f"segmentation masks: {NUM_VAL} palette PNGs" in output  # counts gathered from both ranks
     stems = (tiny_shapes / "voc/VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").read_text().split()

@@ -179,6 +179,9 @@ def _ddp_worker(rank: int, world_size: int, port: int, out: str) -> None:
     """One gloo rank: rank 0 evaluates images 0..16, rank 1 images 17..23 (COCO) and none at all (VOC)."""
     import torch.distributed as dist
 
+    # A forked child cannot use the OpenMP pool its parent started (e.g. converting COCO's precision array): one
+    # thread, or the first parallel op hangs.
+    torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
         preds, targets = _random_case(0)

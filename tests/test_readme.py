@@ -25,7 +25,7 @@ README = REPO / "README.md"
 CI_SCRIPT = REPO / ".ci" / "run"
 
 # Arguments that mark a command as needing what a test machine lacks (real datasets, a cluster, downloads).
-REAL_DATA_MARKS = ("/data/", "run.ckpt", "my_images/")
+REAL_DATA_MARKS = ("/data/", "run.ckpt", "my_images/", "s3://")
 LAUNCHERS = ("srun", "torchrun")
 
 
@@ -92,6 +92,8 @@ def classify(command: str) -> str:
         return "template"  # `--config ... --ckpt_path .../interrupted.ckpt`: the resume flow, tests/test_resume.py
     if words[0] == "resnet-tasks":
         return "run"
+    if words[0] == "pip" and ("download" in words or "--no-index" in words):
+        return "gpu_wheels"  # the GPU machine's offline install: tests/test_bench.py checks the pinned versions
     if command.startswith("python benchmarks/"):
         return "benchmark"  # long runs by design: the test checks the arguments parse (test_bench runs the suite)
     if command == "python -m resnet_tasks":
@@ -146,6 +148,11 @@ def _strip_launcher(words: list[str]) -> list[str]:
 def test_real_data_commands_resolve_their_configs(run_cli, command: str) -> None:
     words = _strip_launcher(shlex.split(command))
     assert words[0] == "resnet-tasks"
+    if words[1] == "optimize":  # not a Lightning command: its arguments parse (converting needs the dataset)
+        from resnet_tasks.optimize import parser
+
+        parser().parse_args(words[2:])
+        return
     code, out, err = run_cli(*words[1:], "--print_config")
     assert code == 0, err
     config = yaml.safe_load(out)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import itertools
 import math
 import os
@@ -43,6 +44,11 @@ def read_image(path: str | Path) -> np.ndarray:
         raise UnreadableImageError(
             f"Cannot read image {path}: {error.strerror or error}. Check that the file exists."
         ) from None
+    return decode_image(buffer, path)
+
+
+def decode_image(buffer: np.ndarray, path: str | Path) -> np.ndarray:
+    """Decode an image file's bytes (uint8 array) like `read_image`; `path` names the image in errors."""
     if buffer.size >= 4 and buffer[0] == 0xFF and buffer[1] == 0xD8:  # JPEG: must end with FFD9 (EOI)
         tail = buffer[-32:].tobytes()
         if b"\xff\xd9" not in tail:
@@ -50,7 +56,7 @@ def read_image(path: str | Path) -> np.ndarray:
     data = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
     if data is None:
         try:
-            with Image.open(path) as image:
+            with Image.open(io.BytesIO(buffer.tobytes())) as image:
                 image.load()
                 return np.asarray(image.convert("RGB"))
         except Exception as error:  # PIL raises many types for broken files

@@ -248,8 +248,11 @@ class DetectionDataset(Dataset):
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, dict[str, Any]]:
         index, seed = item_and_seed(item)
+        return self.item(read_image(self.annotations.image_path(index)), index, seed)
+
+    def item(self, image: np.ndarray, index: int, seed: int | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        """The (image, target) pair of image `index` from its decoded pixels (training: augmented with `seed`)."""
         ann = self.annotations
-        image = read_image(ann.image_path(index))
         height, width = image.shape[:2]
         span = ann.objects(index)
         boxes = ann.boxes[span].astype(np.float32)

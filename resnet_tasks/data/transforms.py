@@ -6,6 +6,8 @@ because they carry boxes and masks along.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Callable
 
 import albumentations as A
@@ -19,6 +21,7 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
+RESIZED_CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (torchvision's default)
 
 
 def to_tensor(image: np.ndarray) -> torch.Tensor:
@@ -26,12 +29,88 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
+@dataclasses.dataclass(frozen=True)
+class CropBox:
+    """One training image's crop (pixels of the decoded image) and whether it is flipped horizontally."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+class ResizedCropSampler:
+    """RandomResizedCrop's box and the horizontal flip of one training image, drawn from its per-sample seed.
+
+    torchvision's algorithm (`RandomResizedCrop.get_params`): an area fraction uniform in `scale` and an aspect
+    ratio log-uniform in `ratio`, up to 10 tries for a box that fits, else a centre crop of the clamped ratio. The
+    one sampler of both classification paths: the workers' (decode on CPU, `imagenet_train_transform`) and the
+    device's (`--data.decode_device cuda`, `resnet_tasks.data.gpu_decode`), so both crop the same box for a seed.
+    """
+
+    def __init__(
+        self,
+        scale: tuple[float, float] = (0.08, 1.0),
+        ratio: tuple[float, float] = RESIZED_CROP_RATIO,
+        hflip: bool = True,
+    ) -> None:
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.ratio = (float(ratio[0]), float(ratio[1]))
+        self.hflip = hflip
+
+    def __call__(self, height: int, width: int, seed: int) -> CropBox:
+        """The box for an image of `height` x `width` pixels and the sample's `seed` (a 32-bit integer)."""
+        rng = np.random.default_rng(seed)
+        flip = self.hflip and bool(rng.random() < 0.5)  # first, so the number of crop tries cannot shift it
+        area = height * width
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        for _ in range(10):
+            target_area = area * rng.uniform(*self.scale)
+            aspect = math.exp(rng.uniform(*log_ratio))
+            w = int(round(math.sqrt(target_area * aspect)))
+            h = int(round(math.sqrt(target_area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                top = int(rng.integers(0, height - h + 1))
+                left = int(rng.integers(0, width - w + 1))
+                return CropBox(top, left, h, w, flip)
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            w, h = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            h, w = height, int(round(height * max(self.ratio)))
+        else:
+            h, w = height, width
+        return CropBox((height - h) // 2, (width - w) // 2, h, w, flip)
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(scale={self.scale}, ratio={self.ratio}, hflip={self.hflip})"
+
+
+class SeededResizedCrop:
+    """The CPU side of `ResizedCropSampler`: crop its box, resize to `size` x `size` (bilinear, OpenCV) and flip."""
+
+    def __init__(self, size: int, sampler: ResizedCropSampler) -> None:
+        self.size = size
+        self.sampler = sampler
+
+    def __call__(self, image: np.ndarray, seed: int) -> np.ndarray:
+        box = self.sampler(image.shape[0], image.shape[1], seed)
+        crop = image[box.top : box.top + box.height, box.left : box.left + box.width]
+        out = cv2.resize(crop, (self.size, self.size), interpolation=cv2.INTER_LINEAR)
+        return np.ascontiguousarray(out[:, ::-1]) if box.flip else out
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(size={self.size}, {self.sampler!r})"
+
+
 class AlbumentationsTransform:
     """An albumentations pipeline applied to an RGB uint8 array, returning a normalised CHW float tensor.
 
-    Optionally torchvision's TrivialAugment (wide) on the uint8 image after the spatial steps and random erasing
-    on the normalised tensor (the ImageNet V2 recipe's pieces); with a `seed`, every random choice (albumentations'
-    and torch's) is a function of it, and the caller's torch RNG stream is left untouched.
+    Optionally a `SeededResizedCrop` before the albumentations steps, torchvision's TrivialAugment (wide) on the
+    uint8 image after the spatial steps and random erasing on the normalised tensor (the ImageNet V2 recipe's
+    pieces); with a `seed`, every random choice (the crop's, albumentations' and torch's) is a function of it, and
+    the caller's torch RNG stream is left untouched.
     """
 
     def __init__(
@@ -40,7 +119,9 @@ class AlbumentationsTransform:
         normalize: A.Normalize | None = None,
         trivial_augment: bool = False,
         random_erase: float = 0.0,
+        crop: SeededResizedCrop | None = None,
     ) -> None:
+        self.crop = crop
         self.pipeline = A.Compose(steps if normalize is None else [*steps, normalize])
         self.policy = self.normalize = self.erase = None
         if normalize is not None and (trivial_augment or random_erase > 0):
@@ -52,6 +133,9 @@ class AlbumentationsTransform:
             self.erase = v2.RandomErasing(p=random_erase, value=0) if random_erase > 0 else None
 
     def __call__(self, image: np.ndarray, seed: int | None = None) -> torch.Tensor:
+        if self.crop is not None:
+            # Without a per-sample seed (no TrainSampler), the crop's seed comes from torch's (per-worker) stream.
+            image = self.crop(image, int(torch.randint(2**31, ())) if seed is None else seed)
         if seed is not None:
             self.pipeline.set_random_seed(seed)
         out = self.pipeline(image=image)["image"]
@@ -67,7 +151,8 @@ class AlbumentationsTransform:
             return self.erase(tensor) if self.erase is not None else tensor
 
     def __repr__(self) -> str:
-        return f"{type(self).__name__}({self.pipeline})"
+        crop = f"{self.crop!r}, " if self.crop is not None else ""
+        return f"{type(self).__name__}({crop}{self.pipeline})"
 
 
 def imagenet_train_transform(
@@ -80,14 +165,11 @@ def imagenet_train_transform(
     random_erase: float = 0.0,
 ) -> Callable[[np.ndarray], torch.Tensor]:
     """torchvision's ImageNet training preset: RandomResizedCrop (bilinear) + horizontal flip (+ TrivialAugment
-    wide) + normalise (+ random erasing with probability `random_erase`)."""
-    steps: list[A.BasicTransform] = [
-        A.RandomResizedCrop(size=(crop_size, crop_size), scale=scale, interpolation=cv2.INTER_LINEAR)
-    ]
-    if hflip:
-        steps.append(A.HorizontalFlip(p=0.5))
+    wide) + normalise (+ random erasing with probability `random_erase`); the crop and flip come from
+    `ResizedCropSampler`, as on the GPU decode path."""
+    crop = SeededResizedCrop(crop_size, ResizedCropSampler(scale, RESIZED_CROP_RATIO, hflip))
     normalize = A.Normalize(mean=mean, std=std, max_pixel_value=255.0)
-    return AlbumentationsTransform(steps, normalize, trivial_augment=trivial_augment, random_erase=random_erase)
+    return AlbumentationsTransform([], normalize, trivial_augment=trivial_augment, random_erase=random_erase, crop=crop)
 
 
 def imagenet_eval_transform(

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,10 +50,66 @@ def gather_list_states(metric: Metric, process_group: Any = None) -> None:
 
 
 class CocoMeanAveragePrecision(MeanAveragePrecision):
-    """torchmetrics' MeanAveragePrecision with a DDP sync that works for unequal image counts per rank."""
+    """torchmetrics' MeanAveragePrecision with a DDP sync that works for unequal image counts per rank.
+
+    `compute()` also returns COCOeval's `precision` array (IoU thresholds x recall thresholds x classes x areas x
+    detection limits) and the category id of each class (`classes`) from the same, single evaluation: the
+    per-class APs and PR curves come from it (torchmetrics' `class_metrics` would evaluate once per class).
+    """
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(extended_summary=True, **kwargs)
 
     def _sync_dist(self, dist_sync_fn: Any = None, process_group: Any = None) -> None:
         gather_list_states(self, process_group)
+
+    def compute(self) -> dict[str, Any]:
+        results = super().compute()
+        for key in ("ious", "recall", "scores"):  # per image/class IoU tables: large, and unused here
+            results.pop(key, None)
+        return results
+
+
+@dataclass
+class PerClassAP:
+    """COCO AP per category from one evaluation: `ap` (IoU 0.50:0.95), `ap50`, `ap75`; NaN without ground truth.
+
+    `precision` is (IoU thresholds, recall thresholds, categories) at all areas and the largest detection
+    limit, -1 where undefined (as COCOeval leaves it); `category_ids` orders the last axis.
+    """
+
+    category_ids: list[int]
+    ap: np.ndarray
+    ap50: np.ndarray
+    ap75: np.ndarray
+    precision: np.ndarray
+
+
+def per_class_ap(results: dict[str, Any], iou_thresholds: Sequence[float]) -> PerClassAP:
+    """Per-category AP from `CocoMeanAveragePrecision.compute()`: means of COCOeval's precision array, as its
+    `summarize()` computes the overall numbers (a category's mean over the entries that are defined)."""
+    classes = results.get("classes")
+    ids = [int(c) for c in (classes.tolist() if isinstance(classes, torch.Tensor) else classes or [])]
+    precision = results.get("precision")
+    if precision is None or not ids or np.ndim(precision) != 5:
+        empty = np.zeros(0)
+        return PerClassAP([], empty, empty, empty, np.zeros((len(iou_thresholds), 0, 0)))
+    array = np.asarray(precision, dtype=np.float64)[:, :, :, 0, -1]  # area "all", largest detection limit
+
+    def mean_defined(values: np.ndarray) -> np.ndarray:
+        defined = values > -1
+        total = np.where(defined, values, 0.0).sum(axis=(0, 1))
+        count = defined.sum(axis=(0, 1))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(count > 0, total / np.maximum(count, 1), np.nan)
+
+    thresholds = np.asarray(iou_thresholds, dtype=np.float64)
+
+    def at(threshold: float) -> np.ndarray:
+        index = np.flatnonzero(np.isclose(thresholds, threshold))
+        return mean_defined(array[index]) if index.size else np.full(len(ids), np.nan)
+
+    return PerClassAP(ids, mean_defined(array), at(0.5), at(0.75), array)
 
 
 def coco_backend() -> str:
@@ -175,6 +232,7 @@ class VOCDetectionAP(Metric):
         self.add_state("detection_labels", default=[], dist_reduce_fx="cat")
         self.add_state("detection_true_positive", default=[], dist_reduce_fx="cat")
         self.add_state("groundtruth_labels", default=[], dist_reduce_fx="cat")
+        self.last_per_class: dict[int, tuple[float, float]] = {}
 
     def _sync_dist(self, dist_sync_fn: Any = None, process_group: Any = None) -> None:
         # One object gather: also right when a rank saw no image (torchmetrics would gather an empty float
@@ -211,9 +269,7 @@ class VOCDetectionAP(Metric):
             self.detection_true_positive.append(
                 torch.as_tensor(true_positive[counted], dtype=torch.uint8, device=device)
             )
-            self.groundtruth_labels.append(
-                torch.as_tensor(gt_labels[~gt_difficult], dtype=torch.int64, device=device)
-            )
+            self.groundtruth_labels.append(torch.as_tensor(gt_labels[~gt_difficult], dtype=torch.int64, device=device))
 
     @staticmethod
     def _flat(state: Any, dtype: torch.dtype) -> np.ndarray:
@@ -245,8 +301,98 @@ class VOCDetectionAP(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         per_class = self.per_class()
+        # Kept for the per-class table: computed here from the synchronised states (all ranks' detections).
+        self.last_per_class = per_class
         if not per_class:
             return {name: torch.tensor(-1.0) for name in VOC_METRIC_NAMES}
         ap07 = np.mean([value[0] for value in per_class.values()])
         ap12 = np.mean([value[1] for value in per_class.values()])
         return {"voc07_map_50": torch.tensor(float(ap07)), "voc12_map_50": torch.tensor(float(ap12))}
+
+
+class DetectionConfusionMatrix(Metric):
+    """Ultralytics-style detection confusion matrix: (K + 1) x (K + 1) counts, rows = truth, columns = prediction.
+
+    Per image, detections scoring at least `score_threshold` are matched one-to-one to ground-truth boxes of any
+    class with IoU above `iou_threshold`, highest IoU first. A matched pair counts at (true class, predicted
+    class); an unmatched object counts in the last column ("background": missed); an unmatched detection in the
+    last row (false detection). Ignored ground truth (crowd, difficult) is left out, and a detection that only
+    overlaps such a region counts nowhere. Classes are the `category_ids` given (the model's object classes);
+    boxes of other ids are left out. The state is summed across DDP ranks, so the counts are exact.
+    """
+
+    full_state_update = False
+    higher_is_better = None
+    is_differentiable = False
+
+    def __init__(
+        self,
+        category_ids: Sequence[int],
+        iou_threshold: float = 0.45,
+        score_threshold: float = 0.25,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.category_ids = [int(i) for i in category_ids]
+        self.iou_threshold = float(iou_threshold)
+        self.score_threshold = float(score_threshold)
+        size = len(self.category_ids) + 1
+        self.add_state("confusion", default=torch.zeros(size, size, dtype=torch.int64), dist_reduce_fx="sum")
+        self._index = {category_id: i for i, category_id in enumerate(self.category_ids)}
+        self.last_image_errors: list[float] = []
+
+    def _classes(self, category_ids: torch.Tensor) -> np.ndarray:
+        """Category ids -> row/column index (-1 for an id that is not one of this matrix's classes)."""
+        return np.array([self._index.get(int(i), -1) for i in category_ids.tolist()], dtype=np.int64)
+
+    def update(self, preds: Sequence[dict[str, torch.Tensor]], target: Sequence[dict[str, torch.Tensor]]) -> None:
+        """Add images (boxes XYXY, labels = category ids, scores; targets may flag `iscrowd`). Each image's error
+        share, (missed + false + wrongly classified) / (objects + false detections), is left in
+        `last_image_errors` (torchmetrics' `update` returns nothing)."""
+        from torchvision.ops import box_iou
+
+        background = len(self.category_ids)
+        counts = np.zeros((background + 1, background + 1), dtype=np.int64)
+        errors = []
+        for prediction, truth in zip(preds, target):
+            keep = prediction["scores"].detach().cpu() >= self.score_threshold
+            det_boxes = prediction["boxes"].detach().cpu().double()[keep].reshape(-1, 4)
+            det_classes = self._classes(prediction["labels"].detach().cpu()[keep])
+            gt_boxes = truth["boxes"].detach().cpu().double().reshape(-1, 4)
+            gt_classes = self._classes(truth["labels"].detach().cpu())
+            crowd = truth.get("iscrowd")
+            ignored = crowd.detach().cpu().bool().numpy() if crowd is not None else np.zeros(len(gt_classes), bool)
+            ignored = ignored | (gt_classes < 0)
+            det_valid = det_classes >= 0
+            det_boxes, det_classes = det_boxes[torch.from_numpy(det_valid)], det_classes[det_valid]
+            real = ~ignored
+            ious = box_iou(gt_boxes[torch.from_numpy(real)], det_boxes).numpy()
+            gt_real = gt_classes[real]
+            pairs = np.argwhere(ious > self.iou_threshold)
+            if len(pairs):
+                pairs = pairs[np.argsort(-ious[pairs[:, 0], pairs[:, 1]], kind="stable")]
+                pairs = pairs[np.unique(pairs[:, 1], return_index=True)[1]]  # one object per detection
+                pairs = pairs[np.argsort(-ious[pairs[:, 0], pairs[:, 1]], kind="stable")]
+                pairs = pairs[np.unique(pairs[:, 0], return_index=True)[1]]  # one detection per object
+            matched_gt = np.zeros(len(gt_real), dtype=bool)
+            matched_det = np.zeros(len(det_classes), dtype=bool)
+            wrong = 0
+            for gt_index, det_index in pairs:
+                counts[gt_real[gt_index], det_classes[det_index]] += 1
+                matched_gt[gt_index] = matched_det[det_index] = True
+                wrong += int(gt_real[gt_index] != det_classes[det_index])
+            for gt_index in np.flatnonzero(~matched_gt):
+                counts[gt_real[gt_index], background] += 1
+            unmatched = np.flatnonzero(~matched_det)
+            if ignored.any() and len(unmatched):
+                overlap = box_iou(gt_boxes[torch.from_numpy(ignored)], det_boxes[torch.from_numpy(unmatched)])
+                unmatched = unmatched[~(overlap > self.iou_threshold).any(dim=0).numpy()]
+            for det_index in unmatched:
+                counts[background, det_classes[det_index]] += 1
+            missed = int((~matched_gt).sum())
+            errors.append((missed + len(unmatched) + wrong) / max(1, len(gt_real) + len(unmatched)))
+        self.confusion += torch.from_numpy(counts).to(self.confusion.device)
+        self.last_image_errors = errors
+
+    def compute(self) -> torch.Tensor:
+        return self.confusion.clone()

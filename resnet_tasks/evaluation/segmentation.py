@@ -86,6 +86,7 @@ class SegmentationMetrics(Metric):
         self.add_state(
             "confusion", default=torch.zeros(num_classes, num_classes, dtype=torch.int64), dist_reduce_fx="sum"
         )
+        self.last_confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
         """Add a batch: `preds` and `target` are integer class maps of the same shape (IGNORE_INDEX = ignore)."""
@@ -94,6 +95,8 @@ class SegmentationMetrics(Metric):
         self.confusion += confusion_counts(preds, target, self.num_classes, self.ignore_index)
 
     def compute(self) -> dict[str, torch.Tensor]:
+        # Kept for the report (confusion matrix, per-class accuracy): the matrix summed over all ranks.
+        self.last_confusion = self.confusion.detach().cpu().clone()
         scores = scores_from_confusion(self.confusion)
         result = {"miou": scores["miou"].float(), "pixel_acc": scores["pixel_acc"].float()}
         for name, value in zip(self.class_names, scores["iou"]):

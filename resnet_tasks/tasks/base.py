@@ -27,6 +27,8 @@ from resnet_tasks.backbones import (
 from resnet_tasks.callbacks import RNGState, SkipReport
 from resnet_tasks.config import as_config
 from resnet_tasks.errors import UserError
+from resnet_tasks.evaluation.gallery import GALLERY_SIZE, GalleryKeeper
+from resnet_tasks.evaluation.summary import EvaluationSummary
 from resnet_tasks.labels import LabelSpace, upgrade_hyperparameters
 from resnet_tasks.tasks.guard import StepGuard, all_reduce_max, prepare_momentum, supports_found_inf
 from resnet_tasks.tasks.optim import (
@@ -94,6 +96,9 @@ class TaskBase(L.LightningModule):
         self.tta = tta
         # Validation pictures (gallery, PR curve, confusion matrix) logged to TensorBoard each epoch: N images.
         self.log_images = int(log_images)
+        # Evaluation images kept for the report's gallery (rank 0), and what the last evaluation hands the report.
+        self.gallery = GalleryKeeper(max(GALLERY_SIZE, self.log_images))
+        self.evaluation_summary: EvaluationSummary | None = None
         # Speed options (no effect on results beyond float rounding; export ignores them): NHWC memory format,
         # and torch.compile of the backbone in place (nn.Module.compile keeps state-dict keys unchanged).
         self.channels_last = channels_last

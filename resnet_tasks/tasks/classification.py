@@ -8,10 +8,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 from torchvision.transforms import v2
 
+from resnet_tasks.evaluation.gallery import GalleryItem, image_array
+from resnet_tasks.evaluation.summary import EvaluationSummary, confusion_table, per_class_entries
+from resnet_tasks.report import publish_evaluation
 from resnet_tasks.tasks.base import TaskBase
+from resnet_tasks.tasks.tta import classification_logits
 from resnet_tasks.writers import PredictionWriter
 from resnet_tasks.writers.classification import ClassificationWriter
 
@@ -55,6 +59,8 @@ class ClassificationTask(TaskBase):
         # Float sums synced with "sum": exact under DDP with uneven shards, unlike self.log(sync_dist=True), whose
         # mean floors an integer batch count (Lightning issue #21838).
         self.mean_loss = MeanMetric()
+        # Per-class accuracy / precision / recall and the confusion matrix: counts summed across ranks.
+        self.confusion = MulticlassConfusionMatrix(num_classes, validate_args=False)
 
     @staticmethod
     def _batch_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> v2.Transform | None:
@@ -96,8 +102,12 @@ class ClassificationTask(TaskBase):
             self.log("train/error", error, batch_size=len(labels))
         return {"loss_cls": F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)}
 
+    def evaluation_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits for validate/test/predict: with `--model.tta`, averaged over flips (and scales)."""
+        return classification_logits(self, images, self.tta)
+
     def _evaluate(self, batch: dict[str, Any], prefix: str) -> None:
-        logits = self(batch["image"])
+        logits = self.evaluation_logits(batch["image"])
         labels = batch["label"]
         size = self.batch_size_of(batch)
         self.mean_loss.update(F.cross_entropy(logits, labels), weight=size)
@@ -105,15 +115,67 @@ class ClassificationTask(TaskBase):
         for name, metric in self.metrics.items():
             metric.update(logits, labels)
             self.log(f"{prefix}/{name}", metric, batch_size=size, prog_bar=name == "top1")
+        self.confusion.update(logits.argmax(dim=1), labels)
+        if self._trainer is None or self.trainer.is_global_zero:
+            self._offer_to_gallery(batch, logits.detach(), labels)
+
+    def _offer_to_gallery(self, batch: dict[str, Any], logits: torch.Tensor, labels: torch.Tensor) -> None:
+        """Keep the first images and the worst ones (highest cross-entropy) for the gallery."""
+        losses = F.cross_entropy(logits.float(), labels, reduction="none").tolist()
+        names = self.label_space.class_names
+        for i, loss in enumerate(losses):
+
+            def build(i: int = i) -> GalleryItem:
+                probs = logits[i].float().softmax(dim=0)
+                top = probs.topk(min(3, len(probs)))
+                return GalleryItem(
+                    title=str(batch["name"][i]) if "name" in batch else f"image {i}",
+                    image=image_array(batch["image"][i], normalized=True)[0],
+                    truth=names[int(labels[i])],
+                    top=[(names[int(k)], float(p)) for p, k in zip(top.values, top.indices)],
+                )
+
+            self.gallery.offer(loss, build)
+
+    def _finish_evaluation(self, prefix: str) -> None:
+        """Per-class accuracy (`acc/<class>`), precision and recall from the summed confusion matrix."""
+        confusion = self.confusion.compute().cpu()
+        self.confusion.reset()
+        table = confusion_table(confusion)
+        names = list(self.label_space.class_names)
+        columns = {
+            "acc": table["recall"].tolist(),
+            "precision": table["precision"].tolist(),
+            "recall": table["recall"].tolist(),
+            "support": table["support"].tolist(),
+        }
+        summary = EvaluationSummary(
+            task=self.task_name,
+            class_names=names,
+            per_class=columns,
+            main_column="acc",
+            confusion=confusion.numpy(),
+            confusion_names=names,
+            gallery=list(self.gallery.first),
+            gallery_worst=self.gallery.worst(),
+        )
+        self.gallery.reset()
+        publish_evaluation(self, prefix, summary, per_class_entries(names, {"acc": columns["acc"]}))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val")
 
+    def on_validation_epoch_end(self) -> None:
+        self._finish_evaluation("val")
+
     def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "test")
 
+    def on_test_epoch_end(self) -> None:
+        self._finish_evaluation("test")
+
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        probs = self(batch["image"]).float().softmax(dim=1)
+        probs = self.evaluation_logits(batch["image"]).float().softmax(dim=1)
         top = probs.topk(min(5, probs.shape[1]), dim=1)
         return {
             "name": list(batch["name"]),

@@ -18,10 +18,20 @@ from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, MultiScale
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from resnet_tasks.errors import UserError
-from resnet_tasks.evaluation.detection import COCO_METRIC_NAMES, VOCDetectionAP, coco_map_metric
-from resnet_tasks.labels import LabelSpace
+from resnet_tasks.evaluation.detection import (
+    COCO_METRIC_NAMES,
+    DetectionConfusionMatrix,
+    VOCDetectionAP,
+    coco_map_metric,
+    per_class_ap,
+)
+from resnet_tasks.evaluation.gallery import MAX_BOXES, GalleryItem, image_array
+from resnet_tasks.evaluation.summary import EvaluationSummary, confusion_table, per_class_entries
+from resnet_tasks.labels import BACKGROUND, LabelSpace
+from resnet_tasks.report import publish_evaluation
 from resnet_tasks.tasks.base import TaskBase
 from resnet_tasks.tasks.optim import OptimizerConfig
+from resnet_tasks.tasks.tta import detection_flip
 from resnet_tasks.writers import PredictionWriter
 from resnet_tasks.writers.detection import DetectionWriter
 
@@ -113,7 +123,8 @@ class DetectionTask(TaskBase):
     `trainable_backbone_layers` None follows torchvision: 3 with pretrained weights, 5 (all) otherwise; an
     explicit `backbone.frozen_stages` is respected when it is None. Pretrained weights also switch
     `backbone.norm` "bn" to "frozen_bn" (as torchvision does). `evaluation_style` "voc" adds VOC07/VOC12 AP
-    (the data module announces it).
+    (the data module announces it). The confusion matrix (and the gallery's boxes) count detections scoring at
+    least `confusion_score` matched to objects at IoU above `confusion_iou` (Ultralytics' defaults).
     """
 
     task_name: ClassVar[str] = "detection"
@@ -143,9 +154,16 @@ class DetectionTask(TaskBase):
         box_score_thresh: float = 0.05,
         box_nms_thresh: float = 0.5,
         box_detections_per_img: int = 100,
+        confusion_iou: float = 0.45,
+        confusion_score: float = 0.25,
         **kwargs: Any,
     ) -> None:
         super().__init__(optimizer=optimizer, **kwargs)
+        if self.tta == "flip_scales":
+            raise UserError(
+                "--model.tta flip_scales is for classification and segmentation; detection supports --model.tta flip "
+                "(the model resizes each image itself: set --model.min_size for another test scale)."
+            )
         self.save_task_hyperparameters()
         self.evaluation_style = evaluation_style
 
@@ -191,6 +209,12 @@ class DetectionTask(TaskBase):
         )
         self.coco_metric = coco_map_metric()
         self.voc_metric = VOCDetectionAP()
+        object_ids = [self.label_space.category_id(i) for i in range(1, self.num_classes)]
+        self.confusion_metric = DetectionConfusionMatrix(object_ids, confusion_iou, confusion_score)
+        # Category id -> class name, for ground truth and predictions alike (evaluation works in category ids).
+        self.category_names = {
+            self.label_space.category_id(i): self.label_space.name(i) for i in range(self.num_classes)
+        }
 
     # ----------------------------------------------------------------- TaskBase hooks
     def label_space_for_count(self, count: int) -> LabelSpace:
@@ -223,7 +247,7 @@ class DetectionTask(TaskBase):
         model_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
         return self.model(images, model_targets)
 
-    def _update_metrics(self, detections: list[dict[str, Tensor]], targets: list[dict[str, Any]]) -> None:
+    def _update_metrics(self, detections: list[dict[str, Tensor]], targets: list[dict[str, Any]]) -> list[float]:
         """Feed both sides as dataset category ids (the model's label space may be its weights', not the data's)."""
         preds, truths = [], []
         for detection, target in zip(detections, targets):
@@ -248,10 +272,40 @@ class DetectionTask(TaskBase):
         self.coco_metric.update(preds, truths)
         if self.evaluation_style == "voc":
             self.voc_metric.update(preds, truths)
+        self.confusion_metric.update(preds, truths)
+        return self.confusion_metric.last_image_errors
+
+    def detect(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections for validate/test/predict: with `--model.tta flip`, the image's and its mirror's, merged by
+        class-wise NMS at the model's own threshold and capped at its detections per image."""
+        if self.tta == "none":
+            return self.model(images)
+        heads = self.model.roi_heads
+        return detection_flip(self.model, images, heads.nms_thresh, heads.detections_per_img)
 
     def _evaluation_step(self, batch: Any) -> None:
         images, targets = batch
-        self._update_metrics(self.model(images), targets)
+        detections = self.detect(images)
+        errors = self._update_metrics(detections, targets)
+        if self._trainer is None or self.trainer.is_global_zero:
+            for image, detection, target, error in zip(images, detections, targets, errors):
+                self.gallery.offer(error, lambda i=image, d=detection, t=target: self._gallery_item(i, d, t))
+
+    def _gallery_item(self, image: Tensor, detection: dict[str, Tensor], target: dict[str, Any]) -> GalleryItem:
+        """The image with its objects and the detections the confusion matrix counts (score threshold)."""
+        pixels, scale = image_array(image)
+        keep = (detection["scores"] >= self.confusion_metric.score_threshold).nonzero().flatten()
+        keep = keep[detection["scores"][keep].argsort(descending=True)[:MAX_BOXES]]
+        truth_ids = target["category_ids"].tolist()
+        return GalleryItem(
+            title=str(target.get("file_name", target.get("image_key", ""))),
+            image=pixels,
+            truth_boxes=target["boxes"].detach().cpu().numpy() * scale,
+            truth_names=[self.category_names.get(int(i), str(i)) for i in truth_ids],
+            pred_boxes=detection["boxes"][keep].detach().float().cpu().numpy() * scale,
+            pred_names=[self.label_space.name(int(i)) for i in detection["labels"][keep].tolist()],
+            pred_scores=detection["scores"][keep].float().tolist(),
+        )
 
     def _log_metrics(self, prefix: str) -> None:
         results = self.coco_metric.compute()
@@ -262,8 +316,52 @@ class DetectionTask(TaskBase):
             # -1 means "undefined" (e.g. no large objects at all): not logged, except the headline numbers.
             if value >= 0 or name in ("map", "map_50", "map_75"):
                 self.log(f"{prefix}/{name}", value, batch_size=1, sync_dist=False)
+        confusion = self.confusion_metric.compute().cpu()
+        summary = self._summary(results, confusion)
         self.coco_metric.reset()
         self.voc_metric.reset()
+        self.confusion_metric.reset()
+        self.gallery.reset()
+        entries = per_class_entries(summary.class_names, {k: summary.per_class[k] for k in ("ap", "ap50")})
+        if "voc07_ap50" in summary.per_class:
+            entries.update(per_class_entries(summary.class_names, {"voc07_ap50": summary.per_class["voc07_ap50"]}))
+        publish_evaluation(self, prefix, summary, entries)
+
+    def _summary(self, results: dict[str, Any], confusion: Tensor) -> EvaluationSummary:
+        """Per-class table (COCO AP, AP50, AP75 from the one COCO evaluation; VOC AP; precision, recall and
+        object count at the confusion thresholds), confusion matrix, PR curves and gallery."""
+        coco = per_class_ap(results, self.coco_metric.iou_thresholds)
+        position = {category_id: k for k, category_id in enumerate(coco.category_ids)}
+        ids = self.confusion_metric.category_ids
+        names = [self.category_names.get(i, str(i)) for i in ids]
+        nan = float("nan")
+
+        def column(values: Any) -> list[float]:
+            return [float(values[position[i]]) if i in position else nan for i in ids]
+
+        table = confusion_table(confusion)
+        columns = {"ap": column(coco.ap), "ap50": column(coco.ap50), "ap75": column(coco.ap75)}
+        if self.evaluation_style == "voc":
+            voc = self.voc_metric.last_per_class
+            columns["voc07_ap50"] = [voc[i][0] if i in voc else nan for i in ids]
+            columns["voc12_ap50"] = [voc[i][1] if i in voc else nan for i in ids]
+        columns["precision"] = table["precision"][:-1].tolist()
+        columns["recall"] = table["recall"][:-1].tolist()
+        columns["objects"] = table["support"][:-1].tolist()
+        return EvaluationSummary(
+            task=self.task_name,
+            class_names=names,
+            per_class=columns,
+            main_column="ap",
+            confusion=confusion.numpy(),
+            confusion_names=[*names, BACKGROUND],
+            precision=coco.precision,
+            precision_names=[self.category_names.get(i, str(i)) for i in coco.category_ids],
+            iou_thresholds=[float(t) for t in self.coco_metric.iou_thresholds],
+            recall_thresholds=[float(r) for r in self.coco_metric.rec_thresholds],
+            gallery=list(self.gallery.first),
+            gallery_worst=self.gallery.worst(),
+        )
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluation_step(batch)
@@ -279,4 +377,4 @@ class DetectionTask(TaskBase):
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Tensor]]:
         images, _ = batch
-        return [{key: value.detach().cpu() for key, value in d.items()} for d in self.model(images)]
+        return [{key: value.detach().cpu() for key, value in d.items()} for d in self.detect(images)]

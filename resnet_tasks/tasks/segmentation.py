@@ -9,9 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation.fcn import FCNHead
 
+from resnet_tasks.data.common import read_image
 from resnet_tasks.errors import UserError
+from resnet_tasks.evaluation.gallery import GalleryItem, image_array, shrink_mask
 from resnet_tasks.evaluation.segmentation import SegmentationMetrics, class_map
+from resnet_tasks.evaluation.summary import EvaluationSummary, confusion_table
+from resnet_tasks.report import publish_evaluation
 from resnet_tasks.tasks.base import TaskBase
+from resnet_tasks.tasks.tta import segmentation_logits
 from resnet_tasks.writers import PredictionWriter
 from resnet_tasks.writers.segmentation import SegmentationWriter
 
@@ -147,7 +152,7 @@ class SegmentationTask(TaskBase):
         The network sees the (resized, possibly padded) batch; each image's logits are cropped to its valid
         input region and resized bilinearly to its original size before the argmax.
         """
-        logits = self(batch["image"])
+        logits = segmentation_logits(self, batch["image"], self.tta)
         input_sizes = batch["input_size"].tolist()
         sizes = batch["size"].tolist()
         padded = tuple(logits.shape[-2:])
@@ -162,13 +167,59 @@ class SegmentationTask(TaskBase):
     def _evaluate(self, batch: dict[str, Any], metric: SegmentationMetrics) -> None:
         predictions = self.predict_masks(batch)
         target = batch["mask"]
-        for prediction, (height, width), truth in zip(predictions, batch["size"].tolist(), target):
-            metric.update(prediction, truth[:height, :width])
+        # The gallery shows the original image, read again from its file (only for the few images it keeps).
+        keep = "path" in batch and (self._trainer is None or self.trainer.is_global_zero)
+        for i, (prediction, (height, width), truth) in enumerate(zip(predictions, batch["size"].tolist(), target)):
+            truth = truth[:height, :width]
+            metric.update(prediction, truth)
+            if keep:
+                valid = truth != self.ignore_index
+                error = float(((prediction != truth) & valid).sum()) / max(1, int(valid.sum()))
+                self.gallery.offer(error, lambda i=i, p=prediction, t=truth: self._gallery_item(batch, i, p, t))
+
+    def _gallery_item(
+        self, batch: dict[str, Any], index: int, prediction: torch.Tensor, truth: torch.Tensor
+    ) -> GalleryItem:
+        """The original image (read again from its file) with the true and the predicted class maps."""
+        pixels = torch.from_numpy(read_image(batch["path"][index])).permute(2, 0, 1).float() / 255.0
+        image, _ = image_array(pixels)
+        return GalleryItem(
+            title=str(batch["stem"][index]),
+            image=image,
+            truth_mask=shrink_mask(truth.to(torch.uint8).cpu().numpy()),
+            pred_mask=shrink_mask(prediction.to(torch.uint8).cpu().numpy()),
+            mask_names=list(self.label_space.class_names),
+        )
 
     def _log_metrics(self, metric: SegmentationMetrics, prefix: str) -> None:
+        per_class = {}
         for name, value in metric.compute().items():
-            self.log(f"{prefix}/{name}", value, batch_size=1, prog_bar=name == "miou")
+            if name.startswith("iou/"):
+                per_class[name] = float(value)  # metrics.json and the report, not the loggers
+            else:
+                self.log(f"{prefix}/{name}", value, batch_size=1, prog_bar=name == "miou")
+        confusion = metric.last_confusion
         metric.reset()
+        table = confusion_table(confusion)
+        names = list(self.label_space.class_names)
+        columns = {
+            "iou": table["iou"].tolist(),
+            "acc": table["recall"].tolist(),
+            "precision": table["precision"].tolist(),
+            "pixels": table["support"].tolist(),
+        }
+        summary = EvaluationSummary(
+            task=self.task_name,
+            class_names=names,
+            per_class=columns,
+            main_column="iou",
+            confusion=confusion.numpy(),
+            confusion_names=names,
+            gallery=list(self.gallery.first),
+            gallery_worst=self.gallery.worst(),
+        )
+        self.gallery.reset()
+        publish_evaluation(self, prefix, summary, per_class)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics)
