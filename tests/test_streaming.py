@@ -4,8 +4,6 @@ and resume mid-epoch exactly. All on local folders (object stores are documented
 
 from __future__ import annotations
 
-import os
-import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from resnet_tasks.data.classification import ImageFolderDataModule  # noqa: E402
 from resnet_tasks.data.coco import CocoDetectionDataModule  # noqa: E402
 from resnet_tasks.data.streaming import StreamingClassificationDataModule, StreamingDetectionDataModule  # noqa: E402
 from tests.conftest import COMMON_TRAINER_ARGS, make_image_folder, read_metrics  # noqa: E402
+from tests.test_resume import SigtermAt  # noqa: E402
 
 # 27 training images, batch 4: LitData's epoch is 24 samples on 1 rank, 2 x 12 on 2 ranks (3 left out).
 CLASSIFICATION = {"crop_size": 32, "resize_size": 36, "batch_size": 4, "num_workers": 1}
@@ -99,15 +98,6 @@ def test_two_ranks_split_the_epoch_by_litdata_rule(folders: tuple[Path, Path], m
         module = StreamingClassificationDataModule(root=str(chunks), **CLASSIFICATION)
         shards.append([name for batch in module.val_dataloader() for name in batch["name"]])
     assert len(shards[0]) == 5 and len(shards[1]) == 4 and len(set(shards[0] + shards[1])) == 9
-
-
-class SigtermAt(L.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
 
 
 class RecordBatches(L.Callback):
