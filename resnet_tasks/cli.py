@@ -28,6 +28,8 @@ from resnet_tasks.errors import UserError, find_user_error
 from resnet_tasks.labels import LabelSpace, upgrade_hyperparameters
 
 METRIC_PREFIXES = {"validate": "val/", "test": "test/", "fit": "val/"}
+# Model keys that say how to evaluate (not what was trained): with --ckpt_path, the command's values apply.
+EVALUATION_KEYS = ("tta", "log_images", "confusion_iou", "confusion_score")
 
 
 def _import_components() -> None:
@@ -92,6 +94,21 @@ class ResNetTasksCLI(LightningCLI):
         """The data's label space; with none (a folder of images to predict), the one of `--ckpt_path`'s model."""
         space = getattr(datamodule, "label_space", None)
         return space if space is not None else getattr(self, "checkpoint_label_space", None)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning replaces the model's config with `--ckpt_path`'s hyper-parameters; the evaluation options
+        (`EVALUATION_KEYS`) stay the command's: they say how to evaluate, not what was trained."""
+        subcommand = self.config.get("subcommand")
+        model = self.config[subcommand].get("model") if subcommand else None
+        chosen = {key: (model.get("init_args") or {}).get(key) for key in EVALUATION_KEYS} if model else {}
+        super()._parse_ckpt_path()
+        model = self.config[subcommand].get("model") if subcommand else None
+        if model is None or model.get("init_args") is None:
+            return
+        for key, value in chosen.items():
+            if value is not None:
+                model["init_args"][key] = value
+                (model.get("dict_kwargs") or {}).pop(key, None)
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         """Parse, then refuse a truncated or damaged `--ckpt_path` with one clear error (before Lightning reads it)."""

@@ -31,13 +31,14 @@ PER_CLASS_KEY = {"classification": "acc", "detection": "ap", "segmentation": "io
 def shapes(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from resnet_tasks.data.shapes import generate_shapes
 
-    return generate_shapes(tmp_path_factory.mktemp("shapes"), num_train=3, num_val=6, image_size=64)
+    return generate_shapes(tmp_path_factory.mktemp("shapes"), num_train=8, num_val=6, image_size=64)
 
 
 @pytest.fixture(scope="module")
 def runs(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, str]]:
-    """Each quickstart config evaluated once (its untrained weights: the pictures need no accuracy): test for
-    classification and segmentation, validate with --model.log_images 2 for detection. {task: (run dir, out)}."""
+    """Each quickstart config trained 2 steps, then its checkpoint evaluated once through the CLI (the pictures need
+    no accuracy): test for classification and segmentation, validate with --model.log_images 2 for detection.
+    {task: (run dir, out)}."""
     import contextlib
     import io
 
@@ -48,11 +49,17 @@ def runs(shapes: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, tu
     for task, layout in TASKS.items():
         command = "validate" if task == "detection" else "test"
         extra = ["--model.log_images", "2"] if task == "detection" else []
+        data = ["--config", f"configs/quickstart/{task}.yaml", "--data.root", str(shapes / layout),
+                "--data.batch_size", "4", "--data.num_workers", "0", *COMMON_TRAINER_ARGS]  # fmt: skip
+        with contextlib.redirect_stdout(io.StringIO()):
+            main(["fit", *data, "--trainer.max_steps", "2", "--trainer.max_epochs", "-1", "--trainer.max_time", "null",
+                  "--trainer.limit_val_batches", "1", "--trainer.num_sanity_val_steps", "0",
+                  "--trainer.default_root_dir", str(folder / f"{task}_fit")])  # fmt: skip
+        (checkpoint,) = (folder / f"{task}_fit").glob("lightning_logs/version_0/checkpoints/last.ckpt")
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
-            main([command, "--config", f"configs/quickstart/{task}.yaml", "--data.root", str(shapes / layout),
-                  "--data.batch_size", "4", "--data.num_workers", "0", "--trainer.default_root_dir",
-                  str(folder / task), *COMMON_TRAINER_ARGS, *extra])  # fmt: skip
+            main([command, *data, "--ckpt_path", str(checkpoint), "--trainer.default_root_dir", str(folder / task),
+                  *extra])  # fmt: skip
         page = printed_path(out.getvalue(), "report written: ")
         result[task] = (page.parent, out.getvalue())
     return result
