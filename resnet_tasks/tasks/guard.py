@@ -27,7 +27,6 @@ class StepGuard:
         self._counts: dict[str, torch.Tensor] = {}
         self._indices: dict[tuple[str, ...], torch.Tensor] = {}  # loss names -> their rows (built once per device)
         self.steps_since_check = 0
-        self.first_step_since_check: int | None = None
 
     def _zeros(self, size: int, device: torch.device) -> torch.Tensor:
         return torch.zeros(size, device=device)
