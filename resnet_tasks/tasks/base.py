@@ -30,6 +30,7 @@ from resnet_tasks.errors import UserError
 from resnet_tasks.evaluation.gallery import GALLERY_SIZE, GalleryKeeper
 from resnet_tasks.evaluation.summary import EvaluationSummary
 from resnet_tasks.labels import LabelSpace, upgrade_hyperparameters
+from resnet_tasks.report import publish_evaluation
 from resnet_tasks.tasks.guard import StepGuard, all_reduce_max, prepare_momentum, supports_found_inf
 from resnet_tasks.tasks.optim import (
     OptimizerConfig,
@@ -256,6 +257,15 @@ class TaskBase(L.LightningModule):
     def in_memory_format(self, images: torch.Tensor) -> torch.Tensor:
         """A batch (N, C, H, W) in the model's memory format (NHWC with `channels_last`)."""
         return images.contiguous(memory_format=torch.channels_last) if self.channels_last else images
+
+    def publish_summary(self, prefix: str, entries: dict[str, float], **summary: Any) -> None:
+        """End of a validation/test epoch: the report's `EvaluationSummary` (the `summary` fields plus this epoch's
+        gallery, which is then emptied) and the per-class `entries` for metrics.json."""
+        result = EvaluationSummary(
+            task=self.task_name, gallery=list(self.gallery.first), gallery_worst=self.gallery.worst(), **summary
+        )
+        self.gallery.reset()
+        publish_evaluation(self, prefix, result, entries)
 
     def configure_callbacks(self) -> list[L.Callback]:
         """RNG streams in checkpoints (exact resume) and the per-epoch report of skipped images."""

@@ -12,8 +12,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionM
 from torchvision.transforms import v2
 
 from resnet_tasks.evaluation.gallery import GalleryItem, image_array
-from resnet_tasks.evaluation.summary import EvaluationSummary, confusion_table, per_class_entries
-from resnet_tasks.report import publish_evaluation
+from resnet_tasks.evaluation.summary import confusion_table, per_class_entries
 from resnet_tasks.tasks.base import TaskBase
 from resnet_tasks.tasks.tta import classification_logits
 from resnet_tasks.writers import PredictionWriter
@@ -149,18 +148,15 @@ class ClassificationTask(TaskBase):
             "recall": table["recall"].tolist(),
             "support": table["support"].tolist(),
         }
-        summary = EvaluationSummary(
-            task=self.task_name,
+        self.publish_summary(
+            prefix,
+            per_class_entries(names, {"acc": columns["acc"]}),
             class_names=names,
             per_class=columns,
             main_column="acc",
             confusion=confusion.numpy(),
             confusion_names=names,
-            gallery=list(self.gallery.first),
-            gallery_worst=self.gallery.worst(),
         )
-        self.gallery.reset()
-        publish_evaluation(self, prefix, summary, per_class_entries(names, {"acc": columns["acc"]}))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, "val")

@@ -26,9 +26,8 @@ from resnet_tasks.evaluation.detection import (
     per_class_ap,
 )
 from resnet_tasks.evaluation.gallery import MAX_BOXES, GalleryItem, image_array
-from resnet_tasks.evaluation.summary import EvaluationSummary, confusion_table, per_class_entries
+from resnet_tasks.evaluation.summary import confusion_table, per_class_entries
 from resnet_tasks.labels import BACKGROUND, LabelSpace
-from resnet_tasks.report import publish_evaluation
 from resnet_tasks.tasks.base import TaskBase
 from resnet_tasks.tasks.optim import OptimizerConfig
 from resnet_tasks.tasks.tta import detection_flip
@@ -321,15 +320,14 @@ class DetectionTask(TaskBase):
         self.coco_metric.reset()
         self.voc_metric.reset()
         self.confusion_metric.reset()
-        self.gallery.reset()
-        entries = per_class_entries(summary.class_names, {k: summary.per_class[k] for k in ("ap", "ap50")})
-        if "voc07_ap50" in summary.per_class:
-            entries.update(per_class_entries(summary.class_names, {"voc07_ap50": summary.per_class["voc07_ap50"]}))
-        publish_evaluation(self, prefix, summary, entries)
+        names, columns = summary["class_names"], summary["per_class"]
+        published = [key for key in ("ap", "ap50", "voc07_ap50") if key in columns]
+        entries = per_class_entries(names, {key: columns[key] for key in published})
+        self.publish_summary(prefix, entries, **summary)
 
-    def _summary(self, results: dict[str, Any], confusion: Tensor) -> EvaluationSummary:
-        """Per-class table (COCO AP, AP50, AP75 from the one COCO evaluation; VOC AP; precision, recall and
-        object count at the confusion thresholds), confusion matrix, PR curves and gallery."""
+    def _summary(self, results: dict[str, Any], confusion: Tensor) -> dict[str, Any]:
+        """The report's fields: per-class table (COCO AP, AP50, AP75 from the one COCO evaluation; VOC AP;
+        precision, recall and object count at the confusion thresholds), confusion matrix and PR curves."""
         coco = per_class_ap(results, self.coco_metric.iou_thresholds)
         position = {category_id: k for k, category_id in enumerate(coco.category_ids)}
         ids = self.confusion_metric.category_ids
@@ -348,20 +346,17 @@ class DetectionTask(TaskBase):
         columns["precision"] = table["precision"][:-1].tolist()
         columns["recall"] = table["recall"][:-1].tolist()
         columns["objects"] = table["support"][:-1].tolist()
-        return EvaluationSummary(
-            task=self.task_name,
-            class_names=names,
-            per_class=columns,
-            main_column="ap",
-            confusion=confusion.numpy(),
-            confusion_names=[*names, BACKGROUND],
-            precision=coco.precision,
-            precision_names=[self.category_names.get(i, str(i)) for i in coco.category_ids],
-            iou_thresholds=[float(t) for t in self.coco_metric.iou_thresholds],
-            recall_thresholds=[float(r) for r in self.coco_metric.rec_thresholds],
-            gallery=list(self.gallery.first),
-            gallery_worst=self.gallery.worst(),
-        )
+        return {
+            "class_names": names,
+            "per_class": columns,
+            "main_column": "ap",
+            "confusion": confusion.numpy(),
+            "confusion_names": [*names, BACKGROUND],
+            "precision": coco.precision,
+            "precision_names": [self.category_names.get(i, str(i)) for i in coco.category_ids],
+            "iou_thresholds": [float(t) for t in self.coco_metric.iou_thresholds],
+            "recall_thresholds": [float(r) for r in self.coco_metric.rec_thresholds],
+        }
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         self._evaluation_step(batch)

@@ -13,8 +13,7 @@ from resnet_tasks.data.common import read_image
 from resnet_tasks.errors import UserError
 from resnet_tasks.evaluation.gallery import GalleryItem, image_array, shrink_mask
 from resnet_tasks.evaluation.segmentation import SegmentationMetrics, class_map
-from resnet_tasks.evaluation.summary import EvaluationSummary, confusion_table
-from resnet_tasks.report import publish_evaluation
+from resnet_tasks.evaluation.summary import confusion_table
 from resnet_tasks.tasks.base import TaskBase
 from resnet_tasks.tasks.tta import segmentation_logits
 from resnet_tasks.writers import PredictionWriter
@@ -208,18 +207,15 @@ class SegmentationTask(TaskBase):
             "precision": table["precision"].tolist(),
             "pixels": table["support"].tolist(),
         }
-        summary = EvaluationSummary(
-            task=self.task_name,
+        self.publish_summary(
+            prefix,
+            per_class,
             class_names=names,
             per_class=columns,
             main_column="iou",
             confusion=confusion.numpy(),
             confusion_names=names,
-            gallery=list(self.gallery.first),
-            gallery_worst=self.gallery.worst(),
         )
-        self.gallery.reset()
-        publish_evaluation(self, prefix, summary, per_class)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         self._evaluate(batch, self.val_metrics)
