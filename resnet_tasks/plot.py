@@ -62,11 +62,9 @@ def label_of(run: str | Path, path: Path) -> str:
 
 def plot_runs(runs: list[str], metrics: list[str], out: Path, error: bool = False, window: int = 20) -> Path:
     """Draw `metrics` of every run into one PNG; `error=True` draws the paper's train/val error curves."""
-    import matplotlib
+    from resnet_tasks.report.pictures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     drawn = 0
@@ -105,10 +103,7 @@ def plot_runs(runs: list[str], metrics: list[str], out: Path, error: bool = Fals
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=120)
 
 
 def main(argv: list[str]) -> None:
@@ -138,12 +133,9 @@ def plot_run_curves(metrics_csv: Path, out: Path, window: int = 20) -> Path | No
     val = {name: points for name, points in curves.items() if name.startswith("val/") and name.count("/") == 1}
     if not train:
         return None
-    import matplotlib
+    from resnet_tasks.report.pictures import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4))
     for name, points in sorted(train.items()):
         steps, values = zip(*points)
         left.plot(steps, smooth(list(values), window), lw=1.0, label=name)
@@ -158,7 +150,4 @@ def plot_run_curves(metrics_csv: Path, out: Path, window: int = 20) -> Path | No
         if axes.lines:
             axes.legend(fontsize=7)
     fig.tight_layout()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=100)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out)

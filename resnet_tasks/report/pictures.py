@@ -28,10 +28,10 @@ def pyplot() -> Any:
     return plt
 
 
-def save_figure(figure: Any, path: Path) -> Path:
+def save_figure(figure: Any, path: Path, dpi: int = DPI) -> Path:
     """Write `figure` as PNG and free it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=DPI)
+    figure.savefig(path, dpi=dpi)
     pyplot().close(figure)
     return path
 
