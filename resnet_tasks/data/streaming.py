@@ -36,7 +36,6 @@ from resnet_tasks.data.detection import (
     DetectionAnnotations,
     DetectionDataModule,
     DetectionDataset,
-    ImageFolderDetectionDataset,
     detection_collate,
     detection_train_transform,
 )
@@ -336,31 +335,22 @@ class StreamingDetectionDataModule(StreamingTraining, DetectionDataModule):
         check_label_space(location, metadata, list(self.label_space.object_names))
         return location, metadata
 
-    def eval_stream(self, split: str) -> StreamingEvalDataset:
+    def eval_dataset(self, split: str) -> StreamingEvalDataset:  # type: ignore[override]
+        """An evaluation split read by index (the file-based module's setup and exact evaluation sampler)."""
         location, metadata = self.split_metadata(split)
         assert self.label_space is not None
         return StreamingEvalDataset(
             location, DetectionItem(self.label_space, train=False), int(metadata["num_samples"])
         )
 
-    def setup(self, stage: str | None = None) -> None:
-        if stage in ("fit", None):
-            location, metadata = self.split_metadata(self.train_split)
-            assert self.label_space is not None
-            transform = detection_train_transform(self.hflip_prob, self.large_scale_jitter, self.crop_size)
-            exclude = metadata.get("images_without_objects") if self.remove_images_without_annotations else None
-            item = DetectionItem(self.label_space, train=True, transform=transform)
-            self._datasets["train"] = self.training_stream(location, item, exclude)
-            self._datasets["val"] = self.eval_stream(self.val_split)
-        if stage == "validate":
-            self._datasets["val"] = self.eval_stream(self.val_split)
-        if stage == "test":
-            self._datasets["test"] = self.eval_stream(self.test_split)
-        if stage == "predict":
-            if self.predict_path is not None:
-                self._datasets["predict"] = ImageFolderDetectionDataset(self.predict_path)
-            else:
-                self._datasets["predict"] = self.eval_stream(self.predict_split)
+    def train_dataset(self) -> Any:
+        """The training split as a LitData stream, with the file-based module's training transform."""
+        location, metadata = self.split_metadata(self.train_split)
+        assert self.label_space is not None
+        transform = detection_train_transform(self.hflip_prob, self.large_scale_jitter, self.crop_size)
+        exclude = metadata.get("images_without_objects") if self.remove_images_without_annotations else None
+        item = DetectionItem(self.label_space, train=True, transform=transform)
+        return self.training_stream(location, item, exclude)
 
     def train_dataloader(self) -> Any:
         return self.streaming_train_loader(self._datasets["train"], collate_fn=detection_collate)
