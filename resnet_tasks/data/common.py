@@ -47,12 +47,18 @@ def read_image(path: str | Path) -> np.ndarray:
     return decode_image(buffer, path)
 
 
+def jpeg_state(data: bytes) -> str:
+    """ "complete", "truncated" (a JPEG without its end-of-image marker FFD9 near the end) or "other" (not JPEG)."""
+    if len(data) < 4 or not data.startswith(b"\xff\xd8"):
+        return "other"
+    return "complete" if b"\xff\xd9" in data[-32:] else "truncated"
+
+
 def decode_image(buffer: np.ndarray, path: str | Path) -> np.ndarray:
     """Decode an image file's bytes (uint8 array) like `read_image`; `path` names the image in errors."""
-    if buffer.size >= 4 and buffer[0] == 0xFF and buffer[1] == 0xD8:  # JPEG: must end with FFD9 (EOI)
-        tail = buffer[-32:].tobytes()
-        if b"\xff\xd9" not in tail:
-            raise UnreadableImageError(f"Truncated JPEG {path} (no end-of-image marker). Re-download or remove it.")
+    head_and_tail = buffer[:2].tobytes() + buffer[2:][-32:].tobytes()  # (no copy of the whole file)
+    if jpeg_state(head_and_tail) == "truncated":
+        raise UnreadableImageError(f"Truncated JPEG {path} (no end-of-image marker). Re-download or remove it.")
     data = cv2.imdecode(buffer, cv2.IMREAD_COLOR) if buffer.size else None
     if data is None:
         try:
@@ -61,8 +67,7 @@ def decode_image(buffer: np.ndarray, path: str | Path) -> np.ndarray:
                 return np.asarray(image.convert("RGB"))
         except Exception as error:  # PIL raises many types for broken files
             raise UnreadableImageError(
-                f"Corrupt or unreadable image {path} ({type(error).__name__}: {error}). "
-                "Re-download or remove the file."
+                f"Corrupt or unreadable image {path} ({type(error).__name__}: {error}). Re-download or remove the file."
             ) from None
     return cv2.cvtColor(data, cv2.COLOR_BGR2RGB)
 

@@ -19,10 +19,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from resnet_tasks.data.common import UnreadableImageError, read_image
+from resnet_tasks.data.common import UnreadableImageError, jpeg_state, read_image
 from resnet_tasks.data.transforms import ResizedCropSampler
 
-JPEG_START = b"\xff\xd8"
 EXIF_ORIENTATION_TAG = 0x0112
 
 
@@ -40,7 +39,7 @@ def read_encoded(path: str | Path) -> torch.Tensor:
         raise UnreadableImageError(
             f"Cannot read image {path}: {error.strerror or error}. Check that the file exists."
         ) from None
-    if data.startswith(JPEG_START) and b"\xff\xd9" in data[-32:] and not _rotated(data):
+    if jpeg_state(data) == "complete" and not _rotated(data):
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
     # Not a JPEG, a truncated one (read_image names it) or an EXIF-rotated one: decode on CPU as the workers' path.
     return torch.from_numpy(np.ascontiguousarray(read_image(path).transpose(2, 0, 1)))
