@@ -20,7 +20,7 @@ def bench_data(sizes: Sizes, device: torch.device) -> dict[str, Any]:
     from PIL import Image
     from torchvision.transforms import v2
 
-    from resnet_tasks.data.common import read_image
+    from resnet_tasks.data.io import read_image
     from resnet_tasks.data.transforms import IMAGENET_MEAN, IMAGENET_STD, imagenet_train_transform
 
     ours_transform = imagenet_train_transform()

@@ -1,4 +1,4 @@
-"""Benchmark: JPEG decode speed of PIL, OpenCV (what `data.common.read_image` uses) and torchvision.io.
+"""Benchmark: JPEG decode speed of PIL, OpenCV (what `data.io.read_image` uses) and torchvision.io.
 
 All three decode the same generated JPEGs in one process, one thread, alternating (PIL, OpenCV,
 torchvision, PIL, ...) so that machine-load drift hits each alike; figures are medians of the passes.
@@ -53,7 +53,7 @@ def decode_pil(path: Path) -> np.ndarray:
 
 
 def decode_opencv(path: Path) -> np.ndarray:
-    # The same calls as resnet_tasks.data.common.read_image (minus its error handling).
+    # The same calls as resnet_tasks.data.io.read_image (minus its error handling).
     data = cv2.imdecode(np.fromfile(path, dtype=np.uint8), cv2.IMREAD_COLOR)
     return cv2.cvtColor(data, cv2.COLOR_BGR2RGB)
 

@@ -22,7 +22,8 @@ import torch
 from timing import alternate, median, write_report
 
 from resnet_tasks import ClassificationTask, DetectionTask, SegmentationTask
-from resnet_tasks.export import export_onnx, graph_spec, preprocessing_of
+from resnet_tasks.export import export_onnx
+from resnet_tasks.export_graphs import default_preprocessing, graph_spec
 from resnet_tasks.tasks.base import TaskBase
 
 TASKS = ("classification", "segmentation", "detection")
@@ -45,7 +46,7 @@ def bench_task(task: str, batch: int, size: int, threads: int, steps: int, warmu
     import onnxruntime
 
     model = build_task(task, size)
-    preprocessing = preprocessing_of(model)
+    preprocessing = default_preprocessing(model)
     path = export_onnx(model, folder / f"{task}.onnx", preprocessing)
     module = graph_spec(model, preprocessing).module.eval()
     options = onnxruntime.SessionOptions()

@@ -554,12 +554,12 @@ class Bench:
                 decode_device=decode_device, **common,
             )  # fmt: skip
         if task == "detection":
-            from resnet_tasks.data.coco import CocoDetectionDataModule
+            from resnet_tasks.data.formats.coco import CocoDetectionDataModule
 
             return CocoDetectionDataModule(
                 root=str(self.data["detection"]), batch_size=self.plan.detection[0], **common
             )
-        from resnet_tasks.data.voc_segmentation import VOCSegmentationDataModule
+        from resnet_tasks.data.formats.voc_segmentation import VOCSegmentationDataModule
 
         batch, size = self.plan.segmentation
         return VOCSegmentationDataModule(

@@ -86,15 +86,14 @@ class DictCocoDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, dict[str, Any]]:
-        from resnet_tasks.data.common import read_image
-        from resnet_tasks.data.detection import image_to_tensor
+        from resnet_tasks.data.io import image_to_tensor, read_image
 
         image = self.images[index]
         boxes = torch.tensor([a["bbox"] for a in self.objects[index]], dtype=torch.float32).reshape(-1, 4)
         boxes[:, 2:] += boxes[:, :2]
         labels = torch.tensor([a["category_id"] for a in self.objects[index]], dtype=torch.int64)
         pixels = read_image(self.image_folder / image["file_name"])
-        return image_to_tensor(pixels), {"boxes": boxes, "labels": labels, "image_id": image["id"]}
+        return image_to_tensor(pixels, as_float=True), {"boxes": boxes, "labels": labels, "image_id": image["id"]}
 
 
 def _epoch_memory(loader: torch.utils.data.DataLoader, interval: float = 0.25) -> dict[str, Any]:
@@ -167,8 +166,8 @@ def bench_memory(sizes: Sizes, device: torch.device) -> dict[str, Any]:
 
 def _memory_in_process(sizes: Sizes, threads: int) -> dict[str, Any]:
     torch.set_num_threads(threads)
-    from resnet_tasks.data.coco import CocoDetectionDataModule
     from resnet_tasks.data.detection import detection_collate
+    from resnet_tasks.data.formats.coco import CocoDetectionDataModule
 
     with tempfile.TemporaryDirectory() as tmp:
         root = write_memory_coco(Path(tmp), sizes.memory_images)

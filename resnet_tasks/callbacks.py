@@ -19,6 +19,9 @@ from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch.optim.swa_utils import get_ema_avg_fn
 
+from resnet_tasks import compat
+from resnet_tasks.config import global_batch_size, run_dir
+
 INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
 LAST_CHECKPOINT = "last.ckpt"
 # Where RNGState keeps the global RNG streams in a checkpoint (a top-level key, as since the first release).
@@ -160,7 +163,7 @@ class InterruptCheckpoint(Callback):
             self._stop = True
             self._requeue = self._requeue or signum == signal.SIGUSR1
             if trainer.world_size == 1 and trainer.training:
-                trainer._signal_connector.received_sigterm = True  # Lightning stops after this step
+                compat.stop_after_this_step(trainer)
 
         return handle
 
@@ -171,7 +174,7 @@ class InterruptCheckpoint(Callback):
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
             self._stop, self._requeue = (bool(flag) for flag in flags.tolist())
         if self._stop:
-            trainer._signal_connector.received_sigterm = True
+            compat.stop_after_this_step(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         # Every rank reaches the same optimizer steps: agreeing every N of them keeps the ranks in step without a
@@ -183,7 +186,7 @@ class InterruptCheckpoint(Callback):
         # A stop decided at an epoch's last step: Lightning would abort the validation that follows at its first
         # batch (no checkpoint: not training); let that validation run whole, and stop at its end instead.
         if trainer.state.fn == "fit" and not trainer.sanity_checking and self._stop:
-            trainer._signal_connector.received_sigterm = False
+            compat.stop_after_this_step(trainer, False)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
@@ -202,13 +205,12 @@ class InterruptCheckpoint(Callback):
         self._restore_handlers()
         if not isinstance(exception, SIGTERMException) or not trainer.training:
             return
-        self.path = Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints" / INTERRUPTED_CHECKPOINT
-        epochs = trainer.fit_loop.epoch_progress.current
-        if epochs.completed == epochs.ready:
+        self.path = run_dir(trainer) / "checkpoints" / INTERRUPTED_CHECKPOINT
+        if compat.fit_between_epochs(trainer):
             # Stopped between two epochs (Lightning checks SIGTERM again after an epoch's end): the epoch loop
             # still counts the finished epoch's batches, so a resume would continue "mid-epoch". Record what
             # the next epoch's start looks like instead, so the run and its data resume at that epoch's batch 0.
-            trainer.fit_loop.epoch_loop.batch_progress.reset_on_run()
+            compat.reset_epoch_batch_progress(trainer)
         trainer.save_checkpoint(self.path, weights_only=False)
         if not trainer.is_global_zero:
             return
@@ -229,7 +231,7 @@ class LastCheckpoint(Callback):
             return
         checkpoint_callback = trainer.checkpoint_callback
         dirpath = getattr(checkpoint_callback, "dirpath", None) if checkpoint_callback is not None else None
-        folder = Path(dirpath) if dirpath else Path(trainer.log_dir or trainer.default_root_dir) / "checkpoints"
+        folder = Path(dirpath) if dirpath else run_dir(trainer) / "checkpoints"
         trainer.save_checkpoint(folder / LAST_CHECKPOINT, weights_only=False)
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -265,10 +267,10 @@ class GlobalBatchEMA(EMAWeightAveraging):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage == "fit":
             batch = getattr(trainer.datamodule, "batch_size", None) or getattr(pl_module, "batch_size", None) or 1
-            global_batch = int(batch) * trainer.world_size * trainer.accumulate_grad_batches
+            global_batch = global_batch_size(batch, trainer.world_size, trainer.accumulate_grad_batches)
             epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
             self.decay = global_batch_ema_decay(self.raw_decay, global_batch, self.update_every_n_steps, epochs)
-            self._kwargs["avg_fn"] = get_ema_avg_fn(decay=self.decay)
+            compat.set_ema_average_function(self, get_ema_avg_fn(decay=self.decay))
             if trainer.is_global_zero:
                 print(f"EMA: decay {self.decay:.6f} ({self.raw_decay} rescaled to global batch {global_batch})")
         super().setup(trainer, pl_module, stage)

@@ -8,15 +8,16 @@ file in `$TMPDIR` and copies it over when that is another filesystem, e.g. /scra
 from __future__ import annotations
 
 import errno
+import io
 import os
 import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.fabric.utilities.cloud_io import _is_local_file_protocol
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from resnet_tasks.compat import is_local_path
 from resnet_tasks.errors import UserError
 
 TMP_SUFFIX = ".tmp"
@@ -68,33 +69,51 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """Lightning's checkpoint writer with atomic, durable local writes (`<target>.tmp`, fsync, `os.replace`).
 
     Remote URLs (s3://, gs://, ...) keep Lightning's writer: an object store replaces an object in one piece.
+    `preloaded` maps a checkpoint path to its content already read by the command (`read_checkpoint`): the Trainer
+    gets that content instead of reading the file a second time (once; a later load reads the file).
     """
 
+    def __init__(self, preloaded: dict[str, dict[str, Any]] | None = None) -> None:
+        super().__init__()
+        self.preloaded = {os.path.abspath(path): checkpoint for path, checkpoint in (preloaded or {}).items()}
+
+    def load_checkpoint(self, path: Any, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = self.preloaded.pop(os.path.abspath(path), None) if is_local_path(path) else None
+        if checkpoint is not None:
+            return checkpoint
+        if map_location is None:
+            return super().load_checkpoint(path, weights_only=weights_only)
+        return super().load_checkpoint(path, map_location=map_location, weights_only=weights_only)
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
-        if storage_options is not None or not _is_local_file_protocol(path):
+        if storage_options is not None or not is_local_path(path):
             super().save_checkpoint(checkpoint, path, storage_options=storage_options)
             return
         atomic_torch_save(checkpoint, path)
 
 
-def checkpoint_problem(path: str | os.PathLike[str]) -> str | None:
-    """Why `path` is not a readable checkpoint file (truncated, damaged, not a checkpoint), or None if it is.
+def checkpoint_problem(source: str | os.PathLike[str] | bytes) -> str | None:
+    """Why a checkpoint file (a path, or its bytes already read) is not readable (truncated, damaged, not a
+    checkpoint), or None if it is.
 
     Every entry's checksum is verified (a flipped byte in a tensor would otherwise load silently). Only damage is
     judged: an intact file that `torch.load(weights_only=True)` refuses for its content is left to Lightning's
     loader, which explains that itself.
     """
-    path = Path(path)
-    if not zipfile.is_zipfile(path):
-        with open(path, "rb") as handle:
-            head = handle.read(4)
+    opened: Any = io.BytesIO(source) if isinstance(source, bytes) else Path(source)
+    if not zipfile.is_zipfile(opened):
+        if isinstance(source, bytes):
+            head = source[:4]
+        else:
+            with open(opened, "rb") as handle:
+                head = handle.read(4)
         if head.startswith(b"PK"):
             return "it is truncated (its end is missing: the write that made it was cut short)"
         if head[:1] == b"\x80":  # a pickle: torch's legacy (non-zip) format
             return None
         return "it is not a checkpoint file (neither torch's zip format nor its legacy one)"
     try:
-        with zipfile.ZipFile(path) as archive:
+        with zipfile.ZipFile(opened) as archive:
             names = archive.namelist()
             damaged = archive.testzip()
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as error:
@@ -117,9 +136,10 @@ def last_good_checkpoint(folder: str | os.PathLike[str], exclude: str | os.PathL
     return None
 
 
-def check_checkpoint_file(path: str | os.PathLike[str]) -> None:
-    """Raise one clear UserError if `--ckpt_path` names a truncated or damaged file (naming the run's last good one)."""
-    problem = checkpoint_problem(path)
+def check_checkpoint_file(path: str | os.PathLike[str], data: bytes | None = None) -> None:
+    """Raise one clear UserError if `--ckpt_path` names a truncated or damaged file (naming the run's last good one);
+    `data` is the file's content when it was already read."""
+    problem = checkpoint_problem(path if data is None else data)
     if problem is None:
         return
     good = last_good_checkpoint(Path(path).parent, exclude=path)
@@ -129,3 +149,16 @@ def check_checkpoint_file(path: str | os.PathLike[str]) -> None:
         else "no readable checkpoint is beside it: pass another --ckpt_path, or start without one"
     )
     raise UserError(f"cannot read the checkpoint --ckpt_path {path}: {problem}; {hint}.")
+
+
+def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any] | None:
+    """A `--ckpt_path` file read once: its bytes checked for damage (a UserError, as `check_checkpoint_file`) and
+    loaded with `torch.load(weights_only=True)` on the CPU. None when torch refuses its content: Lightning's own
+    loading then reports that."""
+    data = Path(path).read_bytes()
+    check_checkpoint_file(path, data)
+    try:
+        checkpoint = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception:
+        return None
+    return checkpoint if isinstance(checkpoint, dict) else None

@@ -31,3 +31,12 @@ def find_user_error(error: BaseException) -> UserError | None:
     if last is not None and str(last) and str(last) in str(error).replace("\\'", "'"):
         return last
     return None
+
+
+def user_message(error: BaseException) -> str:
+    """The user-facing text of a UserError, also when it was re-raised from a DataLoader worker."""
+    text = str(error)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split("UserError: ", 1)[-1]
+    return text

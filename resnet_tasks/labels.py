@@ -25,6 +25,9 @@ BACKGROUND = "background"
 TORCHVISION_BACKGROUND = "__background__"
 # The label-map value that marks pixels without a label (VOC's object borders); never a class.
 IGNORE_INDEX = 255
+# The background's entry in `category_ids`: it has no dataset id, so it never shares one with a category
+# (Roboflow and YOLO number their categories from 0).
+NO_CATEGORY_ID = -1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,7 +36,8 @@ class LabelSpace:
 
     - `class_names[i]`: the name of output i (`BACKGROUND` at 0 when `background` is True);
     - `category_ids[i]`: the dataset's own id of output i (COCO category ids; None when the output index is the
-      id, e.g. classification, segmentation);
+      id, e.g. classification, segmentation); a detector's background has no dataset id: `NO_CATEGORY_ID`
+      (checkpoints written before that stored 0 there, which no COCO category uses);
     - `background`: output 0 is the background class;
     - `ignore_index`: the label value that marks unlabelled pixels/objects (segmentation masks).
     """
@@ -50,6 +54,8 @@ class LabelSpace:
             ids = tuple(int(i) for i in self.category_ids)
             if len(ids) != len(names):
                 raise UserError(f"A label space needs one category id per class: {len(names)} names, {len(ids)} ids.")
+            if len(set(ids)) != len(ids):
+                raise UserError(f"A label space needs distinct category ids, got {list(ids)} for {list(names)}.")
             object.__setattr__(self, "category_ids", ids)
         if not names:
             raise UserError("A label space needs at least one class.")
@@ -91,8 +97,8 @@ class LabelSpace:
 
     @classmethod
     def with_background(cls, object_names: Sequence[str], category_ids: Sequence[int] | None = None) -> LabelSpace:
-        """Background at output 0 (category id 0), then `object_names` (with their dataset ids, if any)."""
-        ids = None if category_ids is None else (0, *[int(i) for i in category_ids])
+        """Background at output 0 (no dataset id), then `object_names` (with their dataset ids, if any)."""
+        ids = None if category_ids is None else (NO_CATEGORY_ID, *[int(i) for i in category_ids])
         return cls((BACKGROUND, *object_names), ids, background=True)
 
     def to_dict(self) -> dict[str, Any]:

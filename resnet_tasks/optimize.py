@@ -9,30 +9,18 @@ space, so a streaming data module announces the same classes as the file-based o
 from __future__ import annotations
 
 import argparse
-import json
 import multiprocessing
 import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from resnet_tasks.data.chunk_metadata import require_litdata, write_metadata
 from resnet_tasks.errors import UserError
 
-METADATA_FILE = "resnet_tasks.json"
 FORMATS = ("imagefolder", "coco")
-LITDATA_HINT = "Streaming needs LitData: pip install 'resnet-tasks[stream]' (or pip install litdata)."
-
-
-def require_litdata() -> Any:
-    """The `litdata` module; UserError naming the extra to install when it is missing."""
-    try:
-        import litdata
-    except ImportError:
-        raise UserError(LITDATA_HINT) from None
-    return litdata
 
 
 def classification_sample(entry: tuple[int, str, str, int]) -> dict[str, Any]:
@@ -65,7 +53,7 @@ def imagefolder_inputs(root: Path, split: str) -> tuple[list[tuple[int, str, str
 
 def coco_inputs(root: Path, split: str) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """The samples of a COCO split (`annotations/instances_<split>.json`, `<split>/`) and the split's metadata."""
-    from resnet_tasks.data.coco import COCO_LAYOUT, CocoDetectionDataModule
+    from resnet_tasks.data.formats.coco import COCO_LAYOUT, CocoDetectionDataModule
 
     module = CocoDetectionDataModule(root=str(root), val_split=split, test_split=split, num_workers=0)
     if not (root / split).is_dir():
@@ -149,52 +137,11 @@ def optimize_split(
     return metadata
 
 
-def write_metadata(out: str, metadata: dict[str, Any]) -> None:
-    """`resnet_tasks.json` into an optimized folder (a local path or an object-store URI)."""
-    text = json.dumps(metadata, indent=1) + "\n"
-    if "://" not in out:
-        Path(out, METADATA_FILE).write_text(text)
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        local = Path(folder, METADATA_FILE)
-        local.write_text(text)
-        _object_store(out).upload_file(str(local), f"{out.rstrip('/')}/{METADATA_FILE}")
-
-
-def read_metadata(location: str) -> dict[str, Any]:
-    """The `resnet_tasks.json` of an optimized folder (a local path or an object-store URI); UserError when the
-    folder was not written by `resnet-tasks optimize`."""
-    hint = (
-        f"Write it with: resnet-tasks optimize --data.root DATASET --split SPLIT --out {location} "
-        "(see the README's 'Streaming data' section)."
-    )
-    if "://" not in location:
-        path = Path(location, METADATA_FILE)
-        if not path.is_file():
-            raise UserError(f"{location} is not an optimized split (no {METADATA_FILE}). {hint}")
-        return json.loads(path.read_text())
-    with tempfile.TemporaryDirectory() as folder:
-        local = Path(folder, METADATA_FILE)
-        try:
-            _object_store(location).download_file(f"{location.rstrip('/')}/{METADATA_FILE}", str(local))
-        except Exception as error:  # the providers raise their own types
-            reason = f"{type(error).__name__}: {error}"
-            raise UserError(f"Cannot read {location}/{METADATA_FILE} ({reason}). {hint}") from None
-        return json.loads(local.read_text())
-
-
-def _object_store(url: str) -> Any:
-    """LitData's file-system provider for `url` (s3://, gs://, ...), with the credentials of the environment."""
-    require_litdata()
-    from litdata.streaming.fs_provider import _get_fs_provider
-
-    return _get_fs_provider(url)
-
-
 def parser() -> argparse.ArgumentParser:
     """The arguments of `resnet-tasks optimize`."""
     parser = argparse.ArgumentParser(
         prog="resnet-tasks optimize",
+        allow_abbrev=False,
         description="Write one split of an ImageFolder/ImageNet or COCO dataset as LitData chunks (the image files' "
         "bytes and their labels / boxes) for the streaming data modules. Run it once per split, e.g. "
         "--split train --out DIR/train, then --split val --out DIR/val, and train with --data.root DIR.",

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
-import csv
-import math
 from pathlib import Path
 
 from resnet_tasks.errors import UserError
+from resnet_tasks.report.curves import read_curves, smooth
+from resnet_tasks.report.pictures import pyplot, save_figure
 
 
 def find_metrics_csv(run: str | Path) -> Path:
@@ -19,32 +19,6 @@ def find_metrics_csv(run: str | Path) -> Path:
     if not candidates:
         raise UserError(f"No metrics.csv under {run}. Point `resnet-tasks plot` at a run's --trainer.default_root_dir.")
     return candidates[-1]
-
-
-def read_curves(path: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every logged metric of a CSV log as (step, value) pairs, in step order."""
-    curves: dict[str, list[tuple[int, float]]] = {}
-    with open(path, newline="") as handle:
-        for row in csv.DictReader(handle):
-            step = int(float(row.get("step") or 0))
-            for key, value in row.items():
-                if key in ("step", "epoch") or value in (None, ""):
-                    continue
-                number = float(value)
-                if math.isfinite(number):
-                    curves.setdefault(key, []).append((step, number))
-    return {key: sorted(points) for key, points in curves.items()}
-
-
-def smooth(values: list[float], window: int) -> list[float]:
-    """Trailing moving average (training curves are per-batch and noisy)."""
-    out, total = [], 0.0
-    for i, value in enumerate(values):
-        total += value
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
 
 
 def label_of(run: str | Path, path: Path) -> str:
@@ -62,8 +36,6 @@ def label_of(run: str | Path, path: Path) -> str:
 
 def plot_runs(runs: list[str], metrics: list[str], out: Path, error: bool = False, window: int = 20) -> Path:
     """Draw `metrics` of every run into one PNG; `error=True` draws the paper's train/val error curves."""
-    from resnet_tasks.report.pictures import pyplot, save_figure
-
     plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -110,6 +82,7 @@ def main(argv: list[str]) -> None:
     """Parse `resnet-tasks plot ...` arguments and write the PNG."""
     parser = argparse.ArgumentParser(
         prog="resnet-tasks plot",
+        allow_abbrev=False,
         description="Plot training curves from one or more runs' metrics.csv (CSV logger).",
     )
     parser.add_argument("runs", nargs="+", help="run directories (--trainer.default_root_dir) or metrics.csv files")
@@ -123,31 +96,3 @@ def main(argv: list[str]) -> None:
     metrics = args.metric or ["train/loss"]
     path = plot_runs(args.runs, metrics, args.out, error=args.error, window=args.smooth)
     print(f"plot written: {path}")
-
-
-def plot_run_curves(metrics_csv: Path, out: Path, window: int = 20) -> Path | None:
-    """One run's training curves from its CSV log: the training loss terms (smoothed) and the validation numbers
-    without a per-class part (e.g. val/map, val/loss), side by side. None when the run logged no training."""
-    curves = read_curves(metrics_csv)
-    train = {name: points for name, points in curves.items() if name.startswith("train/")}
-    val = {name: points for name, points in curves.items() if name.startswith("val/") and name.count("/") == 1}
-    if not train:
-        return None
-    from resnet_tasks.report.pictures import pyplot, save_figure
-
-    fig, (left, right) = pyplot().subplots(1, 2, figsize=(11, 4))
-    for name, points in sorted(train.items()):
-        steps, values = zip(*points)
-        left.plot(steps, smooth(list(values), window), lw=1.0, label=name)
-    left.set_title("training (moving average)", fontsize=10)
-    for name, points in sorted(val.items()):
-        steps, values = zip(*points)
-        right.plot(steps, values, marker="o", ms=3, label=name)
-    right.set_title("validation", fontsize=10)
-    for axes in (left, right):
-        axes.set_xlabel("iteration")
-        axes.grid(alpha=0.3)
-        if axes.lines:
-            axes.legend(fontsize=7)
-    fig.tight_layout()
-    return save_figure(fig, out)

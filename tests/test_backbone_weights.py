@@ -26,6 +26,7 @@ from resnet_tasks.errors import UserError
 def _seeded() -> None:
     torch.manual_seed(0)
 
+
 def random_resnet18_state_dict() -> OrderedDict[str, torch.Tensor]:
     """torchvision's resnet18 layout (fc included) with deterministic random values, BN statistics too."""
     torch.manual_seed(0)
@@ -97,8 +98,10 @@ def test_whole_model_enum_resolves_to_its_own_file(monkeypatch, tmp_path) -> Non
 
 @pytest.mark.parametrize(
     ("spec", "suggestion"),
-    [("Resnet18_Weights.IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1"),
-     ("ResNet50_Weights.IMAGENET1K_V3", "ResNet50_Weights.IMAGENET1K_V2")],
+    [
+        ("Resnet18_Weights.IMAGENET1K_V1", "ResNet18_Weights.IMAGENET1K_V1"),
+        ("ResNet50_Weights.IMAGENET1K_V3", "ResNet50_Weights.IMAGENET1K_V2"),
+    ],
 )
 def test_unknown_enum_name_suggests_close_names(spec: str, suggestion: str) -> None:
     with pytest.raises(UserError, match="unknown torchvision weights") as error:
@@ -118,9 +121,7 @@ def test_lightning_ckpt_backbone_part_is_taken(tmp_path, tv_state) -> None:
     assert model.weights_report.unexpected == []
 
 
-@pytest.mark.parametrize(
-    "prefix", ["module.", "_orig_mod.", "module._orig_mod.", "model._orig_mod.backbone.body."]
-)
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod.", "module._orig_mod.", "model._orig_mod.backbone.body."])
 def test_wrapper_prefixes_are_stripped(tmp_path, tv_state, prefix: str) -> None:
     path = tmp_path / "wrapped.pt"
     torch.save({prefix + k: v for k, v in tv_state.items()}, path)

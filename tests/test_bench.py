@@ -84,13 +84,13 @@ def test_gpu_benchmark_cpu_fallback_prints_the_table_and_says_what_it_skipped(
     assert markdown.count("| classification |") >= 10 and "Skipped:" in markdown
 
 
-def test_readme_gpu_wheels_are_the_versions_the_tests_run_with() -> None:
-    """The README's `pip download` for the GPU machine pins every package to the version installed here."""
+def test_documented_gpu_wheels_are_the_versions_the_tests_run_with() -> None:
+    """docs/performance.md's `pip download` for the GPU machine pins every package to the version installed here."""
     import re
     from importlib.metadata import version
 
-    readme = (BENCHMARKS_DIR.parent / "README.md").read_text()
-    block = next(b for b in re.findall(r"```bash\n(.*?)```", readme, flags=re.S) if "pip download" in b)
+    page = (BENCHMARKS_DIR.parent / "docs" / "performance.md").read_text()
+    block = next(b for b in re.findall(r"```bash\n(.*?)```", page, flags=re.S) if "pip download" in b)
     pins = dict(re.findall(r"([A-Za-z0-9_.-]+)==([0-9][^\s\\]*)", block))
     assert {"jsonargparse", "albumentations", "pydantic-core", "pycocotools", "faster-coco-eval"} <= set(pins)
     assert {name: version(name) for name in pins} == pins

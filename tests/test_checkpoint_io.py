@@ -145,6 +145,37 @@ def test_corrupt_ckpt_path_names_it_and_the_last_good_checkpoint(image_folder: P
     assert_one_clear_error(code, err, str(text), "not a checkpoint file")
 
 
+def test_validate_reads_the_checkpoint_once(image_folder: Path, tmp_path: Path, run_cli, monkeypatch) -> None:
+    """`validate --ckpt_path`: the damage check, the model's config, the label space and the Trainer's restore
+    all come from one read of the file."""
+    import builtins
+    import io
+
+    common = [*TINY, "--data.root", image_folder, "--trainer.default_root_dir", tmp_path, *COMMON_TRAINER_ARGS]
+    code, out, err = run_cli("fit", *common, "--trainer.max_steps", "2")
+    assert code == 0, err
+    checkpoint = tmp_path / "lightning_logs/version_0/checkpoints/last.ckpt"
+    reads: list[str] = []
+    real_open, real_load = builtins.open, torch.load
+
+    def spy_open(file: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if "r" in mode and Path(str(file)).name == checkpoint.name:
+            reads.append(f"open {file}")
+        return real_open(file, mode, *args, **kwargs)
+
+    def spy_load(file: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(file, (str, os.PathLike)) and Path(file).name == checkpoint.name:
+            reads.append(f"torch.load {file}")
+        return real_load(file, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", spy_open)
+    monkeypatch.setattr(io, "open", spy_open)
+    monkeypatch.setattr(torch, "load", spy_load)
+    code, out, err = run_cli("validate", *common, "--ckpt_path", checkpoint)
+    assert code == 0, err
+    assert len(reads) == 1, reads
+
+
 def test_checkpoint_io_writes_through_a_staged_file(tmp_path: Path, monkeypatch) -> None:
     """The rename is what makes it atomic: the target is never opened for writing."""
     opened: list[str] = []

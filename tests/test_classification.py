@@ -13,7 +13,8 @@ import torchvision
 from PIL import Image
 
 from resnet_tasks import ClassificationTask
-from resnet_tasks.data.classification import CIFARDataModule, ImageFolderDataModule
+from resnet_tasks.data.classification import ImageFolderDataModule
+from resnet_tasks.data.formats.cifar import CIFARDataModule
 from resnet_tasks.errors import UserError
 from tests.conftest import COMMON_TRAINER_ARGS, printed_path, read_metrics
 
@@ -29,9 +30,22 @@ def trained_run(image_folder: Path, tmp_path_factory: pytest.TempPathFactory) ->
     from resnet_tasks.cli import main
 
     root_dir = tmp_path_factory.mktemp("run")
-    args = ["fit", "--config", IMAGENET_CONFIG, "--data.root", str(image_folder), *SMALL_DATA, *SMALL_MODEL,
-            "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(root_dir),
-            "--trainer.log_every_n_steps", "1", *COMMON_TRAINER_ARGS]
+    args = [
+        "fit",
+        "--config",
+        IMAGENET_CONFIG,
+        "--data.root",
+        str(image_folder),
+        *SMALL_DATA,
+        *SMALL_MODEL,
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.default_root_dir",
+        str(root_dir),
+        "--trainer.log_every_n_steps",
+        "1",
+        *COMMON_TRAINER_ARGS,
+    ]
     main(args)
     last = next(root_dir.glob("lightning_logs/version_0/checkpoints/last.ckpt"))
     return {"root_dir": root_dir, "ckpt": last}

@@ -73,11 +73,66 @@ def test_missing_dataset_root_is_one_clear_message(run_cli, tmp_path: Path) -> N
     assert str(tmp_path / "imagenet") in err and "--data.root" in err and "Traceback" not in err
 
 
-def test_mistyped_config_key_is_reported_by_the_parser(run_cli) -> None:
+def _error_lines(err: str) -> list[str]:
+    """stderr without Python warnings (Lightning's about `args` while pytest has its own sys.argv)."""
+    return [line for line in err.splitlines() if line.strip() and "Warning" not in line and not line.startswith(" ")]
+
+
+def test_mistyped_command_line_key_is_one_line_naming_it_and_the_nearest_key(run_cli) -> None:
     code, out, err = run_cli("fit", "--config", "configs/quickstart/classification.yaml",
                              "--model.backbone.nmae", "resnet18")  # fmt: skip
     assert code == 2
-    assert "nmae" in err and "Traceback" not in err
+    assert _error_lines(err) == [
+        "error: unknown key --model.backbone.nmae on the command line; did you mean --model.backbone.name? "
+        "(`--help` lists every key)"
+    ]
+    assert "usage" not in err and "Traceback" not in err
+
+
+def test_mistyped_config_file_key_names_the_file(run_cli, tmp_path: Path) -> None:
+    config = yaml.safe_load(Path("configs/quickstart/classification.yaml").read_text())
+    config["trainer"]["max_epochz"] = config["trainer"].pop("max_epochs")
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    code, out, err = run_cli("fit", "--config", path)
+    assert code == 2
+    [line] = _error_lines(err)
+    assert line.startswith(f"error: unknown key trainer.max_epochz in {path}; did you mean trainer.max_epochs")
+    config["trainer"]["max_epochs"] = config["trainer"].pop("max_epochz")
+    config["model"]["init_args"]["optimizer"]["lrr"] = 0.1
+    path.write_text(yaml.safe_dump(config))
+    code, out, err = run_cli("fit", "--config", path)
+    assert code == 2
+    assert _error_lines(err) == [
+        f"error: unknown key model.init_args.optimizer.lrr in {path}; did you mean model.init_args.optimizer.lr? "
+        "(`--help` lists every key)"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("given", "meant"),
+    [("--model.backbone.nam", "--model.backbone.name"), ("--trainer.max_epoch", "--trainer.max_epochs")],
+)
+def test_a_key_prefix_is_refused(run_cli, given: str, meant: str) -> None:
+    code, out, err = run_cli("fit", "--config", "configs/quickstart/classification.yaml", given, "3", "--print_config")
+    assert code == 2 and out == ""
+    [line] = _error_lines(err)
+    assert line.startswith(f"error: unknown key {given} on the command line; did you mean {meant}")
+
+
+def test_help_still_lists_every_key(run_cli) -> None:
+    code, out, err = run_cli("fit", "--help")
+    assert code == 0
+    assert "--trainer.max_epochs" in out and "--model CONFIG | CLASS_PATH_OR_NAME | .INIT_ARG_NAME VALUE" in out
+    code, out, err = run_cli(
+        "fit", "--config", "configs/quickstart/classification.yaml", "--model.help", "ClassificationTask"
+    )
+    assert code == 0 and "--model.backbone.name" in out
+
+
+def test_a_bad_value_keeps_the_parsers_message(run_cli) -> None:
+    code, out, err = run_cli("fit", "--config", "configs/quickstart/classification.yaml", "--trainer.max_epochs", "x")
+    assert code == 2 and "trainer.max_epochs" in err and "unknown key" not in err
 
 
 def test_schedule_factor_shapes() -> None:

@@ -17,7 +17,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
 from resnet_tasks.backbones import BackboneConfig
-from resnet_tasks.data.coco_segmentation import COCO_VOC_CATEGORY_IDS, CocoSegmentationDataModule
+from resnet_tasks.data.formats.coco_segmentation import COCO_VOC_CATEGORY_IDS, CocoSegmentationDataModule
 from resnet_tasks.errors import UserError
 from resnet_tasks.labels import IGNORE_INDEX
 from resnet_tasks.tasks.segmentation import SegmentationTask

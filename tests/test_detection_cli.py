@@ -31,8 +31,14 @@ CLEAN_COCO = {
         ("v1", (80, 64), [(9, [10, 12, 44, 60], 0, None), (2, [0, 40, 40, 38], 1, 1200.0)]),
         ("v2", (64, 64), []),
         # Many large objects of every class: even an untrained detector's boxes hit some at IoU 0.5.
-        *[(f"v{i}", (64, 80), [(2, [0, 0, 80, 64], 0, None), (5, [2 * i, 4, 44, 56], 0, None),
-                               (9, [30, 6, 50 - 2 * i, 58], 0, None)]) for i in range(3, 12)],
+        *[
+            (
+                f"v{i}",
+                (64, 80),
+                [(2, [0, 0, 80, 64], 0, None), (5, [2 * i, 4, 44, 56], 0, None), (9, [30, 6, 50 - 2 * i, 58], 0, None)],
+            )
+            for i in range(3, 12)
+        ],
     ],
 }
 SMALL = ["--data.batch_size", "2", "--data.num_workers", "0", "--model.min_size", "64", "--model.max_size", "96",

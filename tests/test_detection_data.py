@@ -12,15 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from resnet_tasks.data.coco import CocoDetectionDataModule
-from resnet_tasks.data.common import TrainSampler
-from resnet_tasks.data.detection import (
-    DetectionAnnotations,
-    GroupedBatchSampler,
-    aspect_ratio_groups,
-    detection_collate,
-)
-from resnet_tasks.data.voc import VOCDetectionDataModule, parse_split
+from resnet_tasks.data.detection import DetectionAnnotations, detection_collate
+from resnet_tasks.data.formats.coco import CocoDetectionDataModule
+from resnet_tasks.data.formats.voc import VOCDetectionDataModule, parse_split
+from resnet_tasks.data.sampling import AspectRatioBatchSampler, TrainSampler, aspect_ratio_groups
 from resnet_tasks.errors import UserError
 
 CATEGORIES = [{"id": 9, "name": "bird"}, {"id": 2, "name": "cat"}, {"id": 5, "name": "dog"}]  # unsorted, gaps
@@ -96,19 +91,19 @@ def test_label_space_is_sorted_category_ids_with_background_placeholder(tiny_coc
     data = _module(tiny_coco)
     assert data.num_classes == 4  # background included, as the model counts its outputs
     assert data.label_space.class_names == ("background", "cat", "dog", "bird") and data.label_space.background
-    assert data.label_space.category_ids == (0, 2, 5, 9)
+    assert data.label_space.category_ids == (-1, 2, 5, 9)  # the background has no dataset id
     data.setup("validate")
-    _, target = data._datasets["val"][0]
-    assert target["category_ids"].tolist() == [(0, 2, 5, 9)[label] for label in target["labels"].tolist()]
+    _, target = data.dataset("val")[0]
+    assert target["category_ids"].tolist() == [(-1, 2, 5, 9)[label] for label in target["labels"].tolist()]
 
 
 def test_val_targets_keep_crowd_empty_images_and_report_fixed_boxes(tiny_coco: Path) -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         data = _module(tiny_coco)
+        data.setup("validate")
     assert any("dropped 1 degenerate" in str(w.message) for w in caught)
-    data.setup("validate")
-    dataset = data._datasets["val"]
+    dataset = data.dataset("val")
     image, target = dataset[1]  # v1: one object + one crowd region, both kept for evaluation
     assert image.dtype == torch.float32 and image.shape == (3, 80, 64) and 0 <= image.min() and image.max() <= 1
     assert target["boxes"].dtype == torch.float32 and target["labels"].dtype == torch.int64
@@ -128,7 +123,7 @@ def test_training_targets_drop_crowd_and_degenerate_and_clip(tiny_coco: Path) ->
     data.setup("fit")
     annotations = data.annotations("train2017")
     assert annotations.dropped_boxes == 1 and annotations.clipped_boxes == 1  # t2's zero width; t4
-    train = data._datasets["train"]
+    train = data.dataset("train")
     # t3 has no objects: left out of training by default (torchvision's recipe), kept on request
     assert len(train) == 5
     keys = [train[i][1]["image_key"] for i in range(len(train))]
@@ -140,7 +135,7 @@ def test_training_targets_drop_crowd_and_degenerate_and_clip(tiny_coco: Path) ->
     assert t4["boxes"].tolist() == [[60, 40, 80, 64]]  # clipped to the image
     data = _module(tiny_coco, remove_images_without_annotations=False)
     data.setup("fit")
-    train = data._datasets["train"]
+    train = data.dataset("train")
     assert len(train) == 6
     _, empty = train[3]
     assert empty["boxes"].shape == (0, 4) and empty["labels"].shape == (0,)
@@ -149,7 +144,7 @@ def test_training_targets_drop_crowd_and_degenerate_and_clip(tiny_coco: Path) ->
 def test_horizontal_flip_moves_boxes_with_the_image(tiny_coco: Path) -> None:
     data = _module(tiny_coco, hflip_prob=1.0)
     data.setup("fit")
-    image, target = data._datasets["train"][0]  # t0, width 80
+    image, target = data.dataset("train")[0]  # t0, width 80
     expected = torch.tensor([[46.0, 6, 76, 30], [12, 30, 40, 60]])
     assert torch.allclose(target["boxes"], expected, atol=1e-3)  # albumentations works in normalised floats
     assert image[0, 10, 70] > 0.7  # the bright rectangle is now on the right
@@ -158,7 +153,7 @@ def test_horizontal_flip_moves_boxes_with_the_image(tiny_coco: Path) -> None:
 def test_annotations_are_compact_arrays_without_json_objects(tiny_coco: Path) -> None:
     data = _module(tiny_coco)
     data.setup("fit")
-    for dataset in (data._datasets["train"], data._datasets["val"]):
+    for dataset in (data.dataset("train"), data.dataset("val")):
         annotations = dataset.annotations
         assert isinstance(annotations, DetectionAnnotations)
         for name, value in vars(annotations).items():
@@ -166,7 +161,7 @@ def test_annotations_are_compact_arrays_without_json_objects(tiny_coco: Path) ->
         assert annotations.file_names.dtype.kind == "S" and annotations.boxes.dtype == np.float32
         assert annotations.labels.dtype == np.int64 and annotations.crowd.dtype == np.uint8
         assert len(annotations.offsets) == len(annotations) + 1
-    assert not any(isinstance(v, (dict, list)) and len(v) > 8 for v in vars(data._datasets["train"]).values())
+    assert not any(isinstance(v, (dict, list)) and len(v) > 8 for v in vars(data.dataset("train")).values())
 
 
 def test_grouped_batches_share_an_aspect_ratio_group_and_have_equal_counts() -> None:
@@ -180,7 +175,7 @@ def test_grouped_batches_share_an_aspect_ratio_group_and_have_equal_counts() -> 
             sampler = TrainSampler(len(widths), shuffle=True, seed=0)
             sampler.rank, sampler.world_size = rank, world_size
             sampler.num_samples = -(-len(widths) // world_size)
-            batches = GroupedBatchSampler(sampler, groups, batch_size=3)
+            batches = AspectRatioBatchSampler(sampler, groups, batch_size=3)
             batches.set_epoch(1)
             assert sampler.epoch == 1
             emitted = list(batches)
@@ -188,7 +183,7 @@ def test_grouped_batches_share_an_aspect_ratio_group_and_have_equal_counts() -> 
             assert all(len(b) == 3 and len({int(groups[i]) for i, _ in b}) == 1 for b in emitted)
             assert {i for i, _ in sum(emitted, [])} <= set(sampler.indices())
             # Resuming at batch 2 of epoch 1 gives exactly the batches an uninterrupted pass gives from there.
-            again = GroupedBatchSampler(sampler, groups, batch_size=3)
+            again = AspectRatioBatchSampler(sampler, groups, batch_size=3)
             again.load_state_dict({"epoch": 1, "batches_done": 2})
             assert list(again) == emitted[2:]
             assert again.state_dict() == {"epoch": 1, "batches_done": len(emitted)}
@@ -202,13 +197,13 @@ def test_train_loader_batches_and_collates(tiny_coco: Path) -> None:
     images, targets = next(iter(data.train_dataloader()))
     assert len(images) == len(targets) == 2
     assert {tuple(i.shape[1:]) for i in images} in ({(64, 80)}, {(80, 64)})  # one aspect-ratio group
-    images, targets = detection_collate([data._datasets["val"][0], data._datasets["val"][2]])
+    images, targets = detection_collate([data.dataset("val")[0], data.dataset("val")[2]])
     assert isinstance(images, list) and targets[1]["boxes"].shape == (0, 4)
 
 
 def test_missing_annotation_file_names_it_and_shows_the_layout(tmp_path: Path) -> None:
     (tmp_path / "annotations").mkdir()
-    with pytest.raises(UserError, match=r"instances_val2017\.json(.|\n)*Expected COCO layout"):
+    with pytest.raises(UserError, match=r"No COCO dataset found(.|\n)*instances_val2017\.json(.|\n)*Roboflow(.|\n)*CVAT"):
         _module(tmp_path)
     with pytest.raises(UserError, match="does not exist"):
         _module(tmp_path / "nowhere")
@@ -237,7 +232,7 @@ def test_unknown_category_names_the_image_and_the_id(tmp_path: Path) -> None:
     data["annotations"][0]["category_id"] = 42
     path.write_text(json.dumps(data))
     with pytest.raises(UserError, match=r"image v0\.jpg .*category id 42"):
-        _module(root)
+        _module(root).setup("validate")
 
 
 def test_unreadable_image_is_a_user_error_naming_the_file(tmp_path: Path) -> None:
@@ -246,7 +241,7 @@ def test_unreadable_image_is_a_user_error_naming_the_file(tmp_path: Path) -> Non
     data = _module(root)
     data.setup("validate")
     with pytest.raises(UserError, match=r"v0\.jpg"):
-        data._datasets["val"][0]
+        data.dataset("val")[0]
 
 
 def test_predict_folder_needs_no_root(tiny_coco: Path) -> None:
@@ -296,15 +291,15 @@ def test_voc_splits_difficult_and_pixel_convention(tmp_path: Path) -> None:
     assert parse_split("2007-trainval+2012-trainval") == [("2007", "trainval"), ("2012", "trainval")]
     data = VOCDetectionDataModule(root=str(root), class_names=["cat", "dog"], batch_size=1, num_workers=0,
                                   hflip_prob=0.0)  # fmt: skip
-    assert data.num_classes == 3 and data.label_space.category_ids == (0, 1, 2)
+    assert data.num_classes == 3 and data.label_space.category_ids == (-1, 1, 2)
     assert data.label_space.class_names == ("background", "cat", "dog")
     data.setup("fit")
-    train = data._datasets["train"]
+    train = data.dataset("train")
     assert len(train) == 2  # a (07) + d (12)
     _, target = train[0]
     assert target["labels"].tolist() == [2]  # the difficult cat is out of the training target
     assert target["boxes"].tolist() == [[4, 4, 30, 30]]  # 1-based inclusive -> 0-based continuous
-    val = data._datasets["val"]
+    val = data.dataset("val")
     _, target = val[0]
     assert target["labels"].tolist() == [1, 2] and target["difficult"].tolist() == [0, 1]
     assert target["image_key"] == "b"

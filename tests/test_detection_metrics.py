@@ -11,13 +11,9 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from resnet_tasks.evaluation.detection import (
-    COCO_METRIC_NAMES,
-    VOCDetectionAP,
-    box_iou_matrix,
-    coco_map_metric,
-    voc_ap_11_point,
-)
+from resnet_tasks.compat import metric_state_names
+from resnet_tasks.evaluation.detection import COCO_METRIC_NAMES, coco_map_metric
+from resnet_tasks.evaluation.voc import VOCDetectionAP, box_iou_matrix, voc_ap_11_point
 
 # COCOeval.stats order -> our names
 STATS_NAMES = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
@@ -166,8 +162,8 @@ def test_voc_metric_states_concatenate_like_ddp_ranks() -> None:
     rank0, rank1 = VOCDetectionAP(), VOCDetectionAP()
     rank0.update(preds[0::2], targets[0::2])
     rank1.update(preds[1::2], targets[1::2])
-    for name in ("detection_scores", "detection_labels", "detection_true_positive", "groundtruth_labels"):
-        assert rank0._reductions[name].__name__ == "dim_zero_cat"
+    # What the DDP sync does to the list states (one tensor per image): rank 0's images, then rank 1's.
+    for name in metric_state_names(rank0):
         setattr(rank0, name, getattr(rank0, name) + getattr(rank1, name))
     merged, expected = rank0.compute(), whole.compute()
     assert 0 < float(expected["voc07_map_50"]) < 1

@@ -11,7 +11,7 @@ import torch
 import torchvision
 from PIL import Image
 
-from resnet_tasks.data.coco import CocoDetectionDataModule
+from resnet_tasks.data.formats.coco import CocoDetectionDataModule
 from resnet_tasks.errors import UserError
 from resnet_tasks.labels import LabelSpace
 from resnet_tasks.tasks.detection import DetectionTask
@@ -19,8 +19,14 @@ from resnet_tasks.writers.detection import DetectionWriter, box_colour
 from tests.test_detection_data import make_tiny_coco
 
 COCO_WEIGHTS = "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"
-SMALL = {"min_size": 64, "max_size": 96, "anchor_sizes": [[8], [16], [32], [64], [128]],
-         "rpn_pre_nms_top_n_train": 200, "rpn_post_nms_top_n_train": 100, "box_batch_size_per_image": 32}
+SMALL = {
+    "min_size": 64,
+    "max_size": 96,
+    "anchor_sizes": [[8], [16], [32], [64], [128]],
+    "rpn_pre_nms_top_n_train": 200,
+    "rpn_post_nms_top_n_train": 100,
+    "box_batch_size_per_image": 32,
+}
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +44,13 @@ def test_state_dict_keys_equal_torchvision_fasterrcnn_resnet50_fpn() -> None:
 def test_torchvision_state_dict_gives_torchvision_detections(tmp_path: Path) -> None:
     torch.manual_seed(0)
     # Random weights score every class low: keep them all (score threshold 0), from fewer proposals (speed).
-    options = {"min_size": 96, "max_size": 128, "box_score_thresh": 0.0, "rpn_pre_nms_top_n_test": 200,
-               "rpn_post_nms_top_n_test": 50}
+    options = {
+        "min_size": 96,
+        "max_size": 128,
+        "box_score_thresh": 0.0,
+        "rpn_pre_nms_top_n_test": 200,
+        "rpn_post_nms_top_n_test": 50,
+    }
     reference = torchvision.models.detection.fasterrcnn_resnet50_fpn(
         weights=None, weights_backbone=None, **options
     ).eval()
@@ -133,7 +144,7 @@ def test_metrics_compare_in_category_id_space(tiny_coco: Path) -> None:
               "category_ids": torch.tensor([9]), "iscrowd": torch.tensor([0]),
               "difficult": torch.tensor([0], dtype=torch.uint8), "area": torch.tensor([100.0])}  # fmt: skip
     detection = {"boxes": torch.tensor([[0.0, 0, 10, 10]]), "labels": torch.tensor([9]), "scores": torch.tensor([0.9])}
-    task._update_metrics([detection], [target])
+    task.evaluation_update("val", ([torch.zeros(3, 10, 10)], [target]), [detection])
     assert float(task.coco_metric.compute()["map"]) == pytest.approx(1.0)
 
 
@@ -141,15 +152,15 @@ def test_writer_writes_coco_results_and_pictures(tmp_path: Path) -> None:
     writer = DetectionWriter()
     writer.start(tmp_path, LabelSpace.with_background(["cat", "dog", "bird"], [2, 5, 9]))
     images = [torch.rand(3, 40, 60), torch.rand(3, 50, 30)]
-    targets = [{"index": 0, "image_key": 17, "file_name": "val/a.jpg"},
-               {"index": 1, "image_key": "b", "file_name": "b.jpg"}]  # fmt: skip
+    # The predictions name their images; the batch's targets carry nothing the writer reads.
     outputs = [
         {"boxes": torch.tensor([[10.0, 5.0, 30.0, 25.0], [0.0, 0.0, 4.0, 4.0]]), "labels": torch.tensor([3, 1]),
-         "scores": torch.tensor([0.9, 0.2])},
-        {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0)},
+         "scores": torch.tensor([0.9, 0.2]), "index": 0, "image_key": 17, "file_name": "val/a.jpg"},
+        {"boxes": torch.zeros((0, 4)), "labels": torch.zeros(0, dtype=torch.int64), "scores": torch.zeros(0),
+         "index": 1, "image_key": "b", "file_name": "b.jpg"},
     ]  # fmt: skip
-    writer.write_batch(outputs[1:], ([images[1]], [targets[1]]))  # out of order: the file is in dataset order
-    writer.write_batch(outputs[:1], ([images[0]], [targets[0]]))
+    writer.write_batch(outputs[1:], ([images[1]], [{}]))  # out of order: the file is in dataset order
+    writer.write_batch(outputs[:1], ([images[0]], [{}]))
     written = writer.finish(SimpleNamespace(world_size=1, is_global_zero=True))
     results = json.loads((tmp_path / "predictions.json").read_text())
     assert written[0] == tmp_path / "predictions.json"
@@ -173,6 +184,7 @@ def test_picture_boxes_are_coloured_by_class(tmp_path: Path) -> None:
                   "labels": torch.tensor([1, 2]), "scores": torch.tensor([0.9, 0.9])}  # fmt: skip
     with Image.open(writer.draw(image, detections, "two")) as picture:
         cat, dog = picture.getpixel((5, 20)), picture.getpixel((45, 20))
+
     def distance(pixel: tuple[int, ...], colour: tuple[int, int, int]) -> int:
         return sum(abs(a - b) for a, b in zip(pixel, colour))
 

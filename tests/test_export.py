@@ -1,6 +1,6 @@
 """`resnet-tasks export`: ONNX files of all three tasks, from a 2-step quickstart checkpoint and from generated
 torchvision-layout weights, run with onnxruntime and compared with PyTorch on image sizes not used at export;
-the README's inference example, run as written; the one-line errors."""
+docs/export.md's inference example, run as written; the one-line errors."""
 
 from __future__ import annotations
 
@@ -30,10 +30,10 @@ from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from resnet_tasks import ClassificationTask, DetectionTask, SegmentationTask
 from resnet_tasks.export import ONNX_OPSET, export_onnx
+from resnet_tasks.labels import NO_CATEGORY_ID
 from tests.conftest import COMMON_TRAINER_ARGS, printed_path
 
 REPO = Path(__file__).resolve().parents[1]
-README = REPO / "README.md"
 # task -> the layout of the bundled shapes its quickstart config reads
 LAYOUTS = {"classification": "imagefolder", "detection": "coco", "segmentation": "voc"}
 TASK_CLASSES = {"classification": ClassificationTask, "detection": DetectionTask, "segmentation": SegmentationTask}
@@ -194,7 +194,8 @@ def test_checkpoint_export_runs_in_onnxruntime_like_pytorch(
     task_model = TASK_CLASSES[task].load_from_checkpoint(checkpoints[task], map_location="cpu")
     assert info["class_names"] == list(task_model.label_space.class_names)
     if task == "detection":
-        assert info["category_ids"] == [0, 1, 3, 7]  # the shapes' COCO ids: labels in the file are these
+        # the shapes' COCO ids (labels in the file are these); the background has none
+        assert info["category_ids"] == [NO_CATEGORY_ID, 1, 3, 7]
         assert info["preprocessing"]["model_resize"] == {"min_size": 128, "max_size": 128}
     if task == "classification":
         assert (info["preprocessing"]["resize"], info["preprocessing"]["crop"]) == (64, 64)
@@ -271,7 +272,7 @@ def test_torchvision_layout_weights_export_matches_torchvision(
         check_parity(task, path, lambda x: (reference(x)["out"].argmax(dim=1).numpy(),))
     else:
         ids = torch.tensor(info["category_ids"])
-        assert info["category_ids"] == [0, 1, 3, 7]  # the weights give 4 outputs; the data names them
+        assert info["category_ids"] == [NO_CATEGORY_ID, 1, 3, 7]  # the weights give 4 outputs; the data names them
 
         def detect(images: torch.Tensor) -> tuple[np.ndarray, ...]:
             [found] = reference([images[0].float() / 255.0])
@@ -280,12 +281,10 @@ def test_torchvision_layout_weights_export_matches_torchvision(
         check_parity(task, path, detect)
 
 
-# ---------------------------------------------------------------------------------------------- the README example
+# ------------------------------------------------------------------------------------------------ the docs' example
 def readme_example() -> str:
-    """The one Python block of the README's "Export (ONNX)" section."""
-    section = re.search(r"\n## Export \(ONNX\)\n(.*?)\n## ", README.read_text(), flags=re.S)
-    assert section is not None, "README.md has no '## Export (ONNX)' section"
-    [block] = re.findall(r"```py(?:thon)?\n(.*?)```", section.group(1), flags=re.S)
+    """The one Python block of docs/export.md (the inference example)."""
+    [block] = re.findall(r"```py(?:thon)?\n(.*?)```", (REPO / "docs" / "export.md").read_text(), flags=re.S)
     return block
 
 
@@ -301,7 +300,7 @@ def test_readme_inference_example_runs(
     photo = images[0]
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["infer.py", str(exported[task]), str(photo)])
-    exec(compile(readme_example(), "README.md", "exec"), {"__name__": "__main__"})
+    exec(compile(readme_example(), "docs/export.md", "exec"), {"__name__": "__main__"})
     names = json.loads(Path(f"{exported[task]}.json").read_text())["class_names"]
     if task == "classification":
         printed = capsys.readouterr().out.strip().splitlines()

@@ -157,7 +157,7 @@ def test_corrupt_jpeg_on_device_path_is_skipped_in_training_and_named_in_evaluat
 
 
 def test_worker_side_reads_bytes_and_decodes_only_what_the_gpu_decoder_cannot(tmp_path: Path) -> None:
-    from resnet_tasks.data.common import read_image
+    from resnet_tasks.data.io import read_image
 
     rng = np.random.default_rng(0)
     pixels = rng.integers(0, 256, (24, 32, 3), dtype=np.uint8)

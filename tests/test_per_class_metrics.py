@@ -13,7 +13,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
 
-from resnet_tasks.evaluation.detection import DetectionConfusionMatrix, coco_backend, coco_map_metric, per_class_ap
+from resnet_tasks.evaluation.confusion import DetectionConfusionMatrix
+from resnet_tasks.evaluation.detection import coco_backend, coco_map_metric, per_class_ap
 from resnet_tasks.evaluation.gallery import GalleryItem, GalleryKeeper
 from resnet_tasks.evaluation.segmentation import SegmentationMetrics
 from resnet_tasks.evaluation.summary import confusion_table
@@ -111,7 +112,7 @@ def test_detection_confusion_matrix_counts_like_ultralytics() -> None:
     assert torch.equal(metric.compute(), expected)
     # Every non-ignored object once, plus every counted false detection.
     assert int(metric.compute().sum()) == 4 + 2
-    assert metric.last_image_errors == [pytest.approx(5 / 6)]  # 2 missed + 2 false + 1 wrong class of 4 + 2
+    assert metric.last_image_errors.tolist() == [pytest.approx(5 / 6)]  # 2 missed + 2 false + 1 wrong class of 4 + 2
     # Summing per-rank states (DDP's reduction) equals one pass over all images.
     halves = [DetectionConfusionMatrix([3, 7]), DetectionConfusionMatrix([3, 7])]
     halves[0].update([prediction], [truth])
@@ -119,6 +120,33 @@ def test_detection_confusion_matrix_counts_like_ultralytics() -> None:
     both = DetectionConfusionMatrix([3, 7])
     both.update([prediction, prediction], [truth, truth])
     assert torch.equal(halves[0].compute() + halves[1].compute(), both.compute())
+
+
+def test_detection_confusion_ties_go_to_the_first_object_and_detection() -> None:
+    # Two detections of class 3 overlap object 0 equally; object 1 (class 7) overlaps the second one as much.
+    truth = _truth([[0, 0, 10, 10], [10, 0, 20, 10]], [3, 7], [0, 0])
+    prediction = _detection([[5, 0, 15, 10], [5, 0, 15, 10]], [3, 3], [0.9, 0.9])
+    metric = DetectionConfusionMatrix([3, 7], iou_threshold=0.3)
+    metric.update([prediction], [truth])
+    # Each detection picks its best object, the first on ties: both pick object 0, which keeps detection 0 (the
+    # first). Object 1 is missed and detection 1 is a false detection, as in Ultralytics' matching.
+    assert metric.compute().tolist() == [[1, 0, 0], [0, 0, 1], [1, 0, 0]]
+    assert metric.last_image_errors.tolist() == [pytest.approx(2 / 3)]
+
+
+def test_weighted_mean_equals_torchmetrics_mean_and_leaves_out_nan() -> None:
+    from torchmetrics import MeanMetric
+
+    from resnet_tasks.evaluation.mean import WeightedMean
+
+    values = torch.rand(7, generator=torch.Generator().manual_seed(0))
+    ours, theirs = WeightedMean(), MeanMetric()
+    for index, value in enumerate(values):
+        ours.update(value, weight=index + 1)
+        theirs.update(value, weight=index + 1)
+    assert torch.equal(ours.compute(), theirs.compute())
+    ours.update(torch.tensor(float("nan")), weight=5)
+    assert torch.equal(ours.compute(), theirs.compute())
 
 
 def test_classification_confusion_sums_to_samples_and_per_class_agrees_with_top1() -> None:
@@ -174,7 +202,7 @@ def test_gallery_keeper_keeps_first_and_worst_and_copies_only_what_it_keeps() ->
 
 
 def test_voc_per_class_ap_is_what_the_voc_means_average() -> None:
-    from resnet_tasks.evaluation.detection import VOCDetectionAP
+    from resnet_tasks.evaluation.voc import VOCDetectionAP
 
     preds, targets = _random_case(0)
     metric = VOCDetectionAP()

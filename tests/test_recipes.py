@@ -68,7 +68,7 @@ def test_torchvision_ema_decay_follows_the_global_batch() -> None:
 
 
 def test_repeated_augmentation_sampler_keeps_the_epoch_length_and_spreads_copies_over_ranks() -> None:
-    from resnet_tasks.data.common import RepeatedAugmentationSampler
+    from resnet_tasks.data.sampling import RepeatedAugmentationSampler
 
     size, world, reps = 32, 4, 4
     per_rank = []
@@ -111,7 +111,7 @@ def test_trivial_augment_and_random_erasing_are_seeded_per_sample() -> None:
 
 def test_v2_recipe_keys_reach_the_data_module(image_folder) -> None:
     from resnet_tasks.data.classification import ImageFolderDataModule
-    from resnet_tasks.data.common import RepeatedAugmentationSampler
+    from resnet_tasks.data.sampling import RepeatedAugmentationSampler
 
     data = ImageFolderDataModule(root=str(image_folder), crop_size=32, resize_size=36, batch_size=4, num_workers=0,
                                  auto_augment="ta_wide", random_erase=0.1, repeated_augmentations=4)  # fmt: skip
@@ -147,7 +147,7 @@ def test_multi_scale_detection_training_draws_sizes_in_range_and_scales_boxes() 
 
 
 def test_large_scale_jitter_gives_fixed_size_crops_with_boxes_that_follow() -> None:
-    from resnet_tasks.data.detection import detection_train_transform
+    from resnet_tasks.data.transforms import detection_train_transform
 
     image = np.zeros((60, 90, 3), dtype=np.uint8)
     image[20:40, 10:50] = (200, 30, 30)  # the object, exactly its box
@@ -170,25 +170,36 @@ def test_large_scale_jitter_gives_fixed_size_crops_with_boxes_that_follow() -> N
 
 
 def test_global_batch_ema_callback_uses_the_rescaled_decay() -> None:
-    from types import SimpleNamespace
-
+    """After `fit`, the model holds the exponential average of its weights at the rescaled decay."""
     from resnet_tasks.callbacks import GlobalBatchEMA
 
+    direction = torch.tensor([[1.0, 3.0]])
+
     class Tiny(L.LightningModule):
+        """Plain SGD at lr 1 on a linear loss: step k moves the weight by -k x direction, known in advance."""
+
         def __init__(self) -> None:
             super().__init__()
-            self.layer = torch.nn.Linear(2, 1)
+            self.layer = torch.nn.Linear(2, 1, bias=False)
+            torch.nn.init.zeros_(self.layer.weight)
+            self.batch_size = 2  # the global batch the decay is rescaled to (1 device, no accumulation)
 
-    callback = GlobalBatchEMA(decay=0.99998, update_every_n_steps=32)
-    trainer = SimpleNamespace(datamodule=SimpleNamespace(batch_size=128), world_size=8, accumulate_grad_batches=1,
-                              max_epochs=600, is_global_zero=False)  # fmt: skip
-    callback.setup(trainer, Tiny(), "fit")
-    assert callback.decay == pytest.approx(global_batch_ema_decay(0.99998, 1024, 32, 600))
-    # The averaged model really uses it: after a copy of the first weights, each update moves (1 - decay) of
-    # the way towards the current weights.
-    average = callback._average_model
-    first, second = Tiny(), Tiny()
-    average.update_parameters(first)
-    average.update_parameters(second)
-    expected = callback.decay * first.layer.weight + (1 - callback.decay) * second.layer.weight
-    torch.testing.assert_close(average.module.layer.weight, expected)
+        def training_step(self, batch: torch.Tensor, batch_idx: int) -> torch.Tensor:
+            return (self.layer.weight * direction).sum() * (batch_idx + 1)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=1.0)
+
+    module = Tiny()
+    callback = GlobalBatchEMA(decay=0.9, update_every_n_steps=1)
+    trainer = L.Trainer(accelerator="cpu", max_epochs=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[callback])  # fmt: skip
+    trainer.fit(module, train_dataloaders=torch.utils.data.DataLoader(torch.zeros(3, 1), batch_size=1))
+    decay = global_batch_ema_decay(0.9, 2, 1, 1)
+    assert callback.decay == pytest.approx(decay) and decay != pytest.approx(0.9)
+    # The average starts at the weights after the first step, then each step moves it (1 - decay) of the way.
+    weights = [-direction, -3 * direction, -6 * direction]
+    average = weights[0]
+    for current in weights[1:]:
+        average = decay * average + (1 - decay) * current
+    torch.testing.assert_close(module.layer.weight.detach(), average)

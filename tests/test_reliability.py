@@ -220,9 +220,7 @@ def test_truncated_voc_xml_names_file_line_and_column(run_cli, tiny_shapes: Path
     assert_one_clear_error(code, err, str(xml), "line")
 
 
-def test_detection_and_segmentation_training_skip_unreadable_images(
-    run_cli, tiny_shapes: Path, tmp_path: Path
-) -> None:
+def test_detection_and_segmentation_training_skip_unreadable_images(run_cli, tiny_shapes: Path, tmp_path: Path) -> None:
     coco = _copy_coco(tiny_shapes, tmp_path / "coco")
     voc = tmp_path / "voc"
     shutil.copytree(tiny_shapes / "voc", voc)

@@ -243,3 +243,22 @@ def test_readme_shows_one_picture_of_each_kind() -> None:
     for link in links:
         with Image.open(repo / link) as picture:
             assert picture.width >= 400 and (repo / link).stat().st_size < 300_000, link
+
+
+def test_one_colour_rule_for_boxes_and_masks() -> None:
+    """Boxes take their class label's colour; masks blend the VOC palette colour in, ignored pixels as asked."""
+    from resnet_tasks.data.masks import VOC_PALETTE
+    from resnet_tasks.evaluation.gallery import GalleryItem
+    from resnet_tasks.report.drawing import BOX_COLOURS, box_colour, mask_colour, overlay_mask
+    from resnet_tasks.report.gallery import class_colours
+
+    assert box_colour(1) == BOX_COLOURS[0] and box_colour(len(BOX_COLOURS) + 1) == BOX_COLOURS[0]
+    assert mask_colour(1) == tuple(VOC_PALETTE[3:6])
+    image = np.full((2, 2, 3), 100, dtype=np.uint8)
+    mask = np.array([[0, 1], [255, 1]], dtype=np.uint8)
+    drawn = overlay_mask(image, mask, alpha=0.5, ignore_colour=(255, 255, 255))
+    assert drawn[0, 0].tolist() == [100, 100, 100] and drawn[1, 0].tolist() == [255, 255, 255]
+    assert drawn[0, 1].tolist() == [round(0.5 * 100 + 0.5 * c) for c in mask_colour(1)]
+    assert overlay_mask(image, mask)[1, 0].tolist() == [100, 100, 100]
+    item = GalleryItem(title="x", image=image, mask_names=["background", "cat", "dog"])
+    assert class_colours([item]) == {"cat": box_colour(1), "dog": box_colour(2)}

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from resnet_tasks.callbacks import INTERRUPTED_CHECKPOINT
-from resnet_tasks.cli import ResNetTasksCLI, _import_components
+from resnet_tasks.lightning_cli import ResNetTasksCLI, import_components
 
 JOB_ID = "4242"
 STEPS = 5
@@ -86,7 +86,7 @@ def slurm_environment(monkeypatch: pytest.MonkeyPatch, bin_dir: Path, restart_co
 
 def run_fit(root: Path, *extra: str) -> ResNetTasksCLI:
     """`resnet-tasks fit` in this process (the CLI object, to read the final model and optimizer)."""
-    _import_components()
+    import_components()
     return ResNetTasksCLI(
         model_class=L.LightningModule, datamodule_class=L.LightningDataModule, subclass_mode_model=True,
         subclass_mode_data=True, save_config_kwargs={"overwrite": True}, auto_configure_optimizers=False,

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from resnet_tasks.callbacks import INTERRUPTED_CHECKPOINT
-from resnet_tasks.cli import ResNetTasksCLI, _import_components
+from resnet_tasks.lightning_cli import ResNetTasksCLI, import_components
 
 STEPS = 8
 # SIGTERM after this step. Classification: 24 images, batch 8 = 3 steps per epoch, so mid-epoch 1. Detection: 11
@@ -71,7 +71,7 @@ class SigtermAt(L.Callback):
 
 
 def _cli(args: list[str], root: Path) -> ResNetTasksCLI:
-    _import_components()
+    import_components()
     return ResNetTasksCLI(
         model_class=L.LightningModule, datamodule_class=L.LightningDataModule, subclass_mode_model=True,
         subclass_mode_data=True, save_config_kwargs={"overwrite": True},

@@ -9,14 +9,11 @@ import pytest
 import torch
 from PIL import Image
 
-from resnet_tasks.data.masks import VOC_PALETTE
-from resnet_tasks.data.voc_segmentation import (
-    SizeGroupedBatchSampler,
-    VOCSegmentationDataModule,
-    collate_eval,
-    read_sbd_mat,
-    segmentation_train_transform,
-)
+from resnet_tasks.data.formats.voc_segmentation import VOCSegmentationDataModule
+from resnet_tasks.data.masks import VOC_PALETTE, read_sbd_mat
+from resnet_tasks.data.sampling import SizeGroupedEvalBatchSampler
+from resnet_tasks.data.segmentation import collate_eval
+from resnet_tasks.data.transforms import segmentation_train_transform
 from resnet_tasks.errors import UserError
 from resnet_tasks.labels import IGNORE_INDEX
 
@@ -137,10 +134,10 @@ def test_eval_batches_keep_original_masks_and_group_sizes(voc_root: Path) -> Non
 
 def test_size_grouped_batches_cover_every_image_once() -> None:
     sizes = [(10, 20), (20, 10), (10, 20), (10, 20), (5, 5), (20, 10), (10, 20)]
-    batches = list(SizeGroupedBatchSampler(sizes, batch_size=2))
+    batches = list(SizeGroupedEvalBatchSampler(sizes, batch_size=2))
     assert sorted(i for batch in batches for i in batch) == list(range(len(sizes)))
     assert all(len({sizes[i] for i in batch}) == 1 and len(batch) <= 2 for batch in batches)
-    assert len(SizeGroupedBatchSampler(sizes, batch_size=2)) == len(batches)
+    assert len(SizeGroupedEvalBatchSampler(sizes, batch_size=2)) == len(batches)
 
 
 def test_collate_pads_mixed_sizes_with_ignore() -> None:
@@ -263,8 +260,8 @@ def test_predict_folder_needs_no_root(tmp_path: Path, voc_root: Path) -> None:
 
 
 def test_shapes_module_reads_the_generated_voc_set(tmp_path: Path) -> None:
+    from resnet_tasks.data.formats.voc_segmentation import ShapesSegmentationDataModule
     from resnet_tasks.data.shapes import SHAPE_CLASSES, ensure_shapes
-    from resnet_tasks.data.voc_segmentation import ShapesSegmentationDataModule
 
     shapes = ensure_shapes(tmp_path / "shapes", num_train=8, num_val=4, image_size=64)
     data = ShapesSegmentationDataModule(root=str(shapes / "voc"), batch_size=4, num_workers=0, crop_size=64)

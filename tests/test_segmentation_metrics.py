@@ -90,6 +90,20 @@ def test_deterministic_mode_gives_the_same_counts() -> None:
     assert torch.equal(plain, from_metric)
 
 
+def test_accelerator_counting_equals_bincount() -> None:
+    """Off the CPU the counts come from a scatter-add (bincount would read the input's range back to the host)."""
+    from resnet_tasks.evaluation.confusion import scattered_counts
+
+    index = torch.randint(0, 442, (5000,), generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    assert torch.equal(scattered_counts(index, 442), torch.bincount(index, minlength=442))
+    previous = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert torch.equal(scattered_counts(index, 442), torch.bincount(index, minlength=442))
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
 def test_sharded_updates_sum_to_the_whole() -> None:
     # What DDP's sum-reduction does: per-rank matrices add up to the single-process matrix exactly.
     preds, target = random_batch(11, 6, shape=(4, 20, 20))

@@ -15,7 +15,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from resnet_tasks.data import shapes
+from resnet_tasks.data import shapes, shapes_scenes
 from resnet_tasks.data.masks import VOC_PALETTE
 from resnet_tasks.data.shapes import (
     COCO_CATEGORY_IDS,
@@ -147,7 +147,7 @@ def test_imagefolder_image_is_a_crop_centred_on_the_largest_object(dataset: Path
         crop = np.asarray(Image.open(path).convert("RGB"), dtype=np.float32)
         assert crop.shape == (size // 2, size // 2, 3)
         x, y, w, h = anns[0]["bbox"]
-        left, top, side = shapes.crop_window((int(x), int(y), int(x + w), int(y + h)), size)
+        left, top, side = shapes_scenes.crop_window((int(x), int(y), int(x + w), int(y + h)), size)
         # The window holds the whole box, with context, and stays inside the image.
         assert left <= x and top <= y and x + w <= left + side + 1e-6 and y + h <= top + side + 1e-6
         assert 0 <= left and 0 <= top and left + side <= size and top + side <= size

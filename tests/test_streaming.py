@@ -16,11 +16,11 @@ pytest.importorskip("litdata")
 from litdata.utilities.env import _DistributedEnv  # noqa: E402
 
 from resnet_tasks.callbacks import INTERRUPTED_CHECKPOINT  # noqa: E402
-from resnet_tasks.cli import ResNetTasksCLI, _import_components  # noqa: E402
-from resnet_tasks.data import common  # noqa: E402
+from resnet_tasks.data import sampling  # noqa: E402
 from resnet_tasks.data.classification import ImageFolderDataModule  # noqa: E402
-from resnet_tasks.data.coco import CocoDetectionDataModule  # noqa: E402
+from resnet_tasks.data.formats.coco import CocoDetectionDataModule  # noqa: E402
 from resnet_tasks.data.streaming import StreamingClassificationDataModule, StreamingDetectionDataModule  # noqa: E402
+from resnet_tasks.lightning_cli import ResNetTasksCLI, import_components  # noqa: E402
 from tests.conftest import COMMON_TRAINER_ARGS, make_image_folder, read_metrics  # noqa: E402
 from tests.test_resume import SigtermAt  # noqa: E402
 
@@ -94,7 +94,7 @@ def test_two_ranks_split_the_epoch_by_litdata_rule(folders: tuple[Path, Path], m
     # evaluation under 2 ranks: the evaluation sampler's shards of the whole split
     shards = []
     for rank in range(2):
-        monkeypatch.setattr(common, "distributed_rank_and_size", lambda rank=rank: (rank, 2))
+        monkeypatch.setattr(sampling, "distributed_rank_and_size", lambda rank=rank: (rank, 2))
         module = StreamingClassificationDataModule(root=str(chunks), **CLASSIFICATION)
         shards.append([name for batch in module.val_dataloader() for name in batch["name"]])
     assert len(shards[0]) == 5 and len(shards[1]) == 4 and len(set(shards[0] + shards[1])) == 9
@@ -111,7 +111,7 @@ class RecordBatches(L.Callback):
 
 
 def _cli(chunks: Path, root: Path) -> ResNetTasksCLI:
-    _import_components()
+    import_components()
     args = [
         "--config", "configs/classification/imagenet_resnet50.yaml",
         "--config", "configs/classification/imagenet_resnet50_streaming.yaml",
@@ -205,11 +205,11 @@ def test_streaming_detection_matches_coco_files(tmp_path: Path) -> None:
     assert streaming.label_space == files.label_space
     streaming.setup("fit")
     files.setup("fit")
-    for (image_a, target_a), (image_b, target_b) in zip(streaming._datasets["val"], files._datasets["val"]):
+    for (image_a, target_a), (image_b, target_b) in zip(streaming.dataset("val"), files.dataset("val")):
         assert torch.equal(image_a, image_b)
         assert target_a.keys() == target_b.keys()
         for key, value in target_a.items():
             assert torch.equal(value, target_b[key]) if isinstance(value, torch.Tensor) else value == target_b[key]
-    usable = len(files._datasets["train"])
+    usable = len(files.dataset("train"))
     trained = [target["index"] for _, targets in streaming.train_dataloader() for target in targets]
     assert len(trained) == usable - usable % 2 and len(set(trained)) == len(trained)

@@ -1,9 +1,10 @@
-"""Classification data: ImageFolder / ImageNet layout, CIFAR-10/100 pickles, and the bundled shapes images."""
+"""Classification data: images with class labels (the ImageFolder / ImageNet layout and the bundled shapes images),
+their datasets and the `ImageFolderDataModule` the other classification modules build on."""
 
 from __future__ import annotations
 
+import functools
 import os
-import pickle
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -12,30 +13,17 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from resnet_tasks.data.common import (
-    IMAGE_EXTENSIONS,
-    BaseDataModule,
-    RepeatedAugmentationSampler,
-    TrainSampler,
-    UnreadableImageError,
-    default_num_workers,
-    item_and_seed,
-    list_images,
-    read_image,
-)
+from resnet_tasks.data.base import BaseDataModule
 from resnet_tasks.data.gpu_decode import DeviceImagePipeline, EncodedImages, collate_encoded, read_encoded
+from resnet_tasks.data.io import IMAGE_EXTENSIONS, UnreadableImageError, list_images, read_image
+from resnet_tasks.data.sampling import RepeatedAugmentationSampler, TrainSampler, default_num_workers, item_and_seed
 from resnet_tasks.data.shapes import shapes_layout
+from resnet_tasks.data.splitting import choose_val_fraction, hold_out, save_val_split, tell
 from resnet_tasks.data.transforms import (
-    CIFAR10_MEAN,
-    CIFAR10_STD,
-    CIFAR100_MEAN,
-    CIFAR100_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
     RESIZED_CROP_RATIO,
     ResizedCropSampler,
-    cifar_eval_transform,
-    cifar_train_transform,
     imagenet_eval_transform,
     imagenet_train_transform,
 )
@@ -45,6 +33,8 @@ from resnet_tasks.labels import LabelSpace
 IMAGEFOLDER_LAYOUT = """expected layout:
   ROOT/train/<class name>/*.jpg|jpeg|png
   ROOT/val/<class name>/*.jpg|jpeg|png"""
+# What a classification model's output means (the exported model's sidecar says it).
+CLASSIFICATION_OUTPUT = "probs: (N, C) float32 softmax probabilities, C = len(class_names)"
 
 
 class ImageListDataset(Dataset):
@@ -125,7 +115,9 @@ class ImageFolderDataModule(BaseDataModule):
 
     Training uses torchvision's ImageNet preset (RandomResizedCrop + flip); evaluation resizes the shorter
     side to `resize_size` and centre-crops `crop_size`. The `test` stage evaluates the `val` split unless a
-    `test` folder exists. `predict` runs over `predict_path` (a folder of images) or the val split.
+    `test` folder exists. `predict` runs over `predict_path` (a folder of images) or the val split. Without a
+    `val` folder (or with `val_fraction` given), val is a seeded, class-stratified share of `train`
+    (`val_fraction`, default 0.1; `split_seed`), saved by `fit` as `val_split.txt` in the run directory.
 
     `decode_device: cuda` moves JPEG decoding and the crop/flip/normalise steps onto the GPU (workers only read
     bytes; see `resnet_tasks.data.gpu_decode`): for when the CPU cores cannot keep the GPU busy. The crop of a
@@ -152,8 +144,11 @@ class ImageFolderDataModule(BaseDataModule):
         repeated_augmentations: int = 1,
         decode_device: Literal["cpu", "cuda"] = "cpu",
         num_workers: int | None = None,
+        val_fraction: float | None = None,
+        split_seed: int = 0,
         **kwargs: Any,
     ) -> None:
+        self.val_fraction, self.split_seed = val_fraction, split_seed
         super().__init__(num_workers=default_num_workers() if num_workers is None else num_workers, **kwargs)
         if repeated_augmentations < 1:
             raise UserError(f"--data.repeated_augmentations must be >= 1 (1 = off), got {repeated_augmentations}.")
@@ -206,7 +201,6 @@ class ImageFolderDataModule(BaseDataModule):
             self.label_space = LabelSpace(tuple(names))
         elif self.predict_path is None:
             self.require_root()
-        self.datasets: dict[str, Dataset] = {}
 
     def _discover_classes(self) -> list[str]:
         root = self.require_root()
@@ -224,8 +218,8 @@ class ImageFolderDataModule(BaseDataModule):
             self.crop_size,
             self.train_scale,
             self.hflip,
-            self.mean,
-            self.std,
+            mean=self.mean,
+            std=self.std,
             trivial_augment=self.auto_augment == "ta_wide",
             random_erase=self.random_erase,
         )
@@ -239,45 +233,63 @@ class ImageFolderDataModule(BaseDataModule):
     def eval_transform(self) -> Callable:
         return imagenet_eval_transform(self.eval_crop_size, self.resize_size, self.mean, self.std)
 
-    def split_dataset(self, split: str, train: bool) -> Dataset:
-        root = self.require_root()
-        split_dir = root / split
-        if not split_dir.is_dir():
-            raise UserError(f"Missing split folder {split_dir}. {IMAGEFOLDER_LAYOUT}")
-        files, labels = scan_image_folder(split_dir, self.folder_names)
+    def image_list(self, files: list[Path], labels: list[int], root: Path, train: bool) -> ImageListDataset:
+        """The dataset of `files` with their `labels`: decoded and transformed in the workers, or read undecoded
+        for the device decode path."""
         if self.device_pipeline is not None:
             return EncodedImageListDataset(files, labels, root=root)
         transform = self.train_transform() if train else self.eval_transform()
         return ImageListDataset(files, labels, transform, root=root)
 
-    def dataset(self, key: str) -> Dataset:
-        if key not in self.datasets:
-            if key == "train":
-                self.datasets[key] = self.split_dataset("train", train=True)
-            elif key == "val":
-                self.datasets[key] = self.split_dataset("val", train=False)
-            elif key == "test":
-                has_test = self.root is not None and (self.root / "test").is_dir()
-                self.datasets[key] = self.split_dataset("test" if has_test else "val", train=False)
-            elif key == "predict":
-                if self.predict_path is not None:
-                    folder = Path(self.predict_path)
-                    files = list_images(folder)
-                    if self.device_pipeline is not None:
-                        self.datasets[key] = EncodedImageListDataset(files, [-1] * len(files), root=folder)
-                    else:
-                        self.datasets[key] = ImageListDataset(
-                            files, [-1] * len(files), self.eval_transform(), root=folder
-                        )
-                else:
-                    self.datasets[key] = self.dataset("val")
-        return self.datasets[key]
+    @functools.cached_property
+    def held_out(self) -> float | None:
+        """The share of `train` held out as val (None: the `val` folder is the val split)."""
+        root = self.require_root()
+        return choose_val_fraction(self.val_fraction, (root / "val").is_dir(), str(root / "train"))
 
-    def loader(self, dataset: Dataset, *, train: bool, collate_fn: Any = None, batch_sampler: Any = None) -> Any:
-        """The base loader; on the device decode path its items are collated undecoded (`collate_encoded`)."""
-        if self.device_pipeline is not None and collate_fn is None:
-            collate_fn = collate_encoded
-        return super().loader(dataset, train=train, collate_fn=collate_fn, batch_sampler=batch_sampler)
+    def split_dataset(self, split: str, train: bool) -> Dataset:
+        """The images of the split folder `split` under the root (train/val: held out of `train` where it applies)."""
+        root = self.require_root()
+        from_train = split in ("train", "val") and self.held_out is not None
+        split_dir = root / ("train" if from_train else split)
+        if not split_dir.is_dir():
+            raise UserError(f"Missing split folder {split_dir}. {IMAGEFOLDER_LAYOUT}")
+        files, labels = scan_image_folder(split_dir, self.folder_names)
+        if from_train:
+            names = [str(path.relative_to(root)) for path in files]
+            chosen = hold_out(names, labels, float(self.held_out), self.split_seed, str(split_dir))[split == "val"]
+            files, labels = [files[i] for i in chosen], [labels[i] for i in chosen]
+        return self.image_list(files, labels, root, train)
+
+    def setup(self, stage: str | None = None) -> None:
+        super().setup(stage)
+        if stage == "fit" and self.held_out is not None and self.trainer is not None:
+            save_val_split(self.trainer, lambda: [name.decode() for name in self.dataset("val").names])
+
+    def build_dataset(self, key: str) -> Dataset:
+        """train/val from their folders; test from `test/` when it exists, else val; predict over `predict_path`
+        (else the val split)."""
+        if key == "predict":
+            if self.predict_path is None:
+                return self.dataset("val")
+            folder = Path(self.predict_path)
+            files = list_images(folder)
+            return self.image_list(files, [-1] * len(files), folder, train=False)
+        if key == "test":
+            if self.root is not None and (self.root / "test").is_dir():
+                return self.split_dataset("test", train=False)
+            tell("no test split: test evaluates the val split")
+            return self.dataset("val")
+        return self.split_dataset(key, train=key == "train")
+
+    def collate(self, train: bool) -> Callable | None:
+        """On the device decode path, items are collated undecoded (`collate_encoded`)."""
+        return collate_encoded if self.device_pipeline is not None else None
+
+    def eval_preprocessing(self) -> dict[str, Any]:
+        """Shorter side to `resize_size`, centre crop `eval_crop_size`, the module's mean/std."""
+        resize = {"resize": int(self.resize_size), "crop": int(self.eval_crop_size)}
+        return {**super().eval_preprocessing(), **resize, "output": CLASSIFICATION_OUTPUT}
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Device decode path: decode and augment the moved batch on its device.
@@ -334,140 +346,3 @@ class ShapesClassificationDataModule(ImageFolderDataModule):
             train_scale=train_scale,
             **kwargs,
         )
-
-
-class ArrayImageDataset(Dataset):
-    """In-memory uint8 NHWC images with labels (CIFAR), as {"image", "label", "name"} items."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, transform: Callable, prefix: str) -> None:
-        self.images = images
-        self.labels = labels.astype(np.int64)
-        self.transform = transform
-        self.prefix = prefix
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
-        index, seed = item_and_seed(item)
-        return {
-            "image": self.transform(self.images[index], seed),
-            "label": int(self.labels[index]),
-            "name": f"{self.prefix}/{index:05d}",
-        }
-
-
-CIFAR_FILES = {
-    10: ("cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], ["test_batch"], "batches.meta"),
-    100: ("cifar-100-python", ["train"], ["test"], "meta"),
-}
-
-
-def _unpickle(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(
-            f"Missing CIFAR file {path}. Put torchvision's python-pickle CIFAR files under --data.root "
-            "(ROOT/cifar-10-batches-py/ or ROOT/cifar-100-python/), or pass --data.download true."
-        )
-    try:
-        with open(path, "rb") as handle:
-            # The CIFAR pickles hold only numpy arrays, lists and strings (the official files).
-            return pickle.load(handle, encoding="latin1")
-    except Exception as error:
-        raise UserError(f"Corrupt CIFAR file {path} ({type(error).__name__}: {error}). Re-download it.") from None
-
-
-def load_cifar(root: Path, variant: int, train: bool) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """CIFAR images (N,32,32,3 uint8), labels and class names from torchvision's python-pickle files."""
-    folder, train_files, test_files, meta_file = CIFAR_FILES[variant]
-    base = root / folder
-    label_key = "labels" if variant == 10 else "fine_labels"
-    images, labels = [], []
-    for name in train_files if train else test_files:
-        batch = _unpickle(base / name)
-        images.append(np.asarray(batch["data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
-        labels.append(np.asarray(batch[label_key], dtype=np.int64))
-    meta = _unpickle(base / meta_file)
-    names = list(meta["label_names"] if variant == 10 else meta["fine_label_names"])
-    return np.ascontiguousarray(np.concatenate(images)), np.concatenate(labels), names
-
-
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
-
-
-class CIFARDataModule(BaseDataModule):
-    """CIFAR-10 / CIFAR-100 from torchvision's python-pickle files under `root`.
-
-    As in the ResNet paper, `val_size` training images (default 5,000, a fixed random subset) are held
-    out for validation; `test` evaluates the official 10,000-image test set. `val_size: 0` validates on
-    the test set instead.
-    """
-
-    def __init__(
-        self,
-        root: str | None = "data/cifar",
-        variant: int = 10,
-        batch_size: int = 128,
-        val_size: int = 5000,
-        download: bool = False,
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(root=root, batch_size=batch_size, **kwargs)
-        if variant not in CIFAR_FILES:
-            raise UserError(f"--data.variant must be 10 or 100, got {variant}.")
-        self.variant = variant
-        self.val_size = val_size
-        self.download = download
-        self.mean, self.std = (CIFAR10_MEAN, CIFAR10_STD) if variant == 10 else (CIFAR100_MEAN, CIFAR100_STD)
-        names = self._read_class_names()
-        self.label_space = LabelSpace(tuple(names)) if names else LabelSpace.anonymous(variant)
-        self.datasets: dict[str, Dataset] = {}
-
-    def _read_class_names(self) -> list[str]:
-        """The names in the dataset's meta file; before a download, CIFAR-10's well-known ones."""
-        folder, _, _, meta_file = CIFAR_FILES[self.variant]
-        meta_path = self.root / folder / meta_file if self.root is not None else None
-        if meta_path is None or not meta_path.is_file():
-            # CIFAR-100's fine names come with its download; until then they are numbered.
-            return list(CIFAR10_CLASSES) if self.variant == 10 else []
-        meta = _unpickle(meta_path)
-        return list(meta["label_names"] if self.variant == 10 else meta["fine_label_names"])
-
-    def prepare_data(self) -> None:
-        if self.download:
-            import torchvision
-
-            dataset = torchvision.datasets.CIFAR10 if self.variant == 10 else torchvision.datasets.CIFAR100
-            for train in (True, False):
-                dataset(str(self.require_root()), train=train, download=True)
-
-    def dataset(self, key: str) -> Dataset:
-        """The train / val (held out of train) / test split, or `predict_path`'s images (else val) for predict."""
-        if key in self.datasets:
-            return self.datasets[key]
-        if key == "predict":
-            if self.predict_path is None:
-                return self.dataset("val")
-            files = list_images(self.predict_path)
-            transform = imagenet_eval_transform(32, 32, self.mean, self.std)
-            self.datasets[key] = ImageListDataset(files, [-1] * len(files), transform, root=Path(self.predict_path))
-            return self.datasets[key]
-        root = self.require_root()
-        train_tf = cifar_train_transform(self.mean, self.std)
-        eval_tf = cifar_eval_transform(self.mean, self.std)
-        if key in ("train", "val") and self.val_size > 0:
-            images, labels, names = load_cifar(root, self.variant, train=True)
-            order = np.random.default_rng(self.seed).permutation(len(labels))
-            val_idx, train_idx = np.sort(order[: self.val_size]), np.sort(order[self.val_size :])
-            if key == "train":
-                dataset: Dataset = ArrayImageDataset(images[train_idx], labels[train_idx], train_tf, "train")
-            else:
-                dataset = ArrayImageDataset(images[val_idx], labels[val_idx], eval_tf, "val")
-        elif key == "train":
-            images, labels, names = load_cifar(root, self.variant, train=True)
-            dataset = ArrayImageDataset(images, labels, train_tf, "train")
-        else:
-            images, labels, names = load_cifar(root, self.variant, train=False)
-            dataset = ArrayImageDataset(images, labels, eval_tf, "test")
-        self.datasets[key] = dataset
-        return dataset

@@ -1,220 +1,41 @@
-"""The detection data layer every format shares: annotations as column arrays, the dataset and its transforms,
-aspect-ratio grouped batches and the DetectionDataModule base (`coco.py` and `voc.py` only parse their formats)."""
+"""The detection data layer every format shares: the dataset and its transforms, the collate and the
+`DetectionDataModule` base with its held-out val split (the modules in `formats/` only parse their formats into
+`DetectionAnnotations`)."""
 
 from __future__ import annotations
 
-import math
-from collections import defaultdict
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+import functools
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import albumentations as A
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import Dataset
 
-from resnet_tasks.data.common import (
-    BaseDataModule,
+from resnet_tasks.data.base import BaseDataModule
+from resnet_tasks.data.detection_annotations import DetectionAnnotations
+from resnet_tasks.data.io import image_to_tensor, list_images, read_image
+from resnet_tasks.data.sampling import (
+    AspectRatioBatchSampler,
     ResumableBatchSampler,
-    TrainSampler,
+    aspect_ratio_groups,
     item_and_seed,
-    list_images,
-    read_image,
 )
+from resnet_tasks.data.splitting import choose_val_fraction, hold_out, save_val_split, tell
+from resnet_tasks.data.transforms import detection_train_transform
 from resnet_tasks.errors import UserError
 from resnet_tasks.labels import LabelSpace
 
-
-# ----------------------------------------------------------------------------------------------- storage
-@dataclass
-class DetectionAnnotations:
-    """All annotations of one split as flat numpy arrays (Detectron2's serialize idea).
-
-    Image i owns objects `offsets[i]:offsets[i+1]` of `boxes` (float32 XYXY, pixels), `labels` (int64,
-    contiguous 1..K), `crowd` / `difficult` (uint8) and `areas` (float32; COCO's annotation area). A DataLoader
-    worker touching these arrays does not copy them (no per-object Python refcounts), unlike a list of dicts.
-    `file_names` are relative to `root`, in one numpy bytes array. `image_ids` are the dataset's ids (COCO) or
-    positions (VOC, whose results use the file stem: `string_ids`).
-    """
-
-    root: str
-    file_names: np.ndarray
-    image_ids: np.ndarray
-    heights: np.ndarray
-    widths: np.ndarray
-    offsets: np.ndarray
-    boxes: np.ndarray
-    labels: np.ndarray
-    crowd: np.ndarray
-    difficult: np.ndarray
-    areas: np.ndarray
-    string_ids: bool = False
-    clipped_boxes: int = 0
-    dropped_boxes: int = 0
-    source: str = ""
-
-    def __len__(self) -> int:
-        return len(self.image_ids)
-
-    def file_name(self, index: int) -> str:
-        return self.file_names[index].decode("utf-8")
-
-    def image_path(self, index: int) -> Path:
-        return Path(self.root) / self.file_name(index)
-
-    def result_image_id(self, index: int) -> int | str:
-        """The image id written to results: the COCO id, or the file stem for datasets without ids (VOC)."""
-        if self.string_ids:
-            return Path(self.file_name(index)).stem
-        return int(self.image_ids[index])
-
-    def objects(self, index: int) -> slice:
-        return slice(int(self.offsets[index]), int(self.offsets[index + 1]))
-
-    def subset(self, keep: np.ndarray) -> DetectionAnnotations:
-        """The images where `keep` is True (objects re-packed)."""
-        indices = np.flatnonzero(keep)
-        spans = [np.arange(self.offsets[i], self.offsets[i + 1]) for i in indices]
-        objects = np.concatenate(spans) if spans else np.zeros(0, dtype=np.int64)
-        counts = self.offsets[indices + 1] - self.offsets[indices]
-        return DetectionAnnotations(
-            root=self.root,
-            file_names=self.file_names[indices],
-            image_ids=self.image_ids[indices],
-            heights=self.heights[indices],
-            widths=self.widths[indices],
-            offsets=np.concatenate(([0], np.cumsum(counts))).astype(np.int64),
-            boxes=self.boxes[objects],
-            labels=self.labels[objects],
-            crowd=self.crowd[objects],
-            difficult=self.difficult[objects],
-            areas=self.areas[objects],
-            string_ids=self.string_ids,
-            clipped_boxes=self.clipped_boxes,
-            dropped_boxes=self.dropped_boxes,
-            source=self.source,
-        )
-
-    def report_fixed_boxes(self) -> None:
-        """One warning per split naming how many boxes were clipped to the image or dropped as degenerate."""
-        if self.clipped_boxes or self.dropped_boxes:
-            rank_zero_warn(
-                f"{self.source}: clipped {self.clipped_boxes} box(es) to their image and dropped "
-                f"{self.dropped_boxes} degenerate box(es) (no area inside the image)."
-            )
+# What a detection model's outputs mean (the exported model's sidecar says it).
+DETECTION_OUTPUT = (
+    "boxes: (K, 4) float32 XYXY in input pixels; scores: (K,) float32; labels: (K,) int64 dataset "
+    "category ids (see category_ids); batch of 1 image, any height and width"
+)
 
 
-@dataclass
-class AnnotationBuilder:
-    """Collects per-image objects, clips boxes to the image and drops degenerate ones, then packs arrays."""
-
-    root: str
-    source: str
-    string_ids: bool = False
-    file_names: list[str] = field(default_factory=list)
-    image_ids: list[int] = field(default_factory=list)
-    heights: list[int] = field(default_factory=list)
-    widths: list[int] = field(default_factory=list)
-    counts: list[int] = field(default_factory=list)
-    boxes: list[np.ndarray] = field(default_factory=list)
-    labels: list[np.ndarray] = field(default_factory=list)
-    crowd: list[np.ndarray] = field(default_factory=list)
-    difficult: list[np.ndarray] = field(default_factory=list)
-    areas: list[np.ndarray] = field(default_factory=list)
-    clipped: int = 0
-    dropped: int = 0
-
-    def add_image(
-        self,
-        file_name: str,
-        image_id: int,
-        height: int,
-        width: int,
-        boxes_xyxy: np.ndarray,
-        labels: np.ndarray,
-        crowd: np.ndarray,
-        difficult: np.ndarray,
-        areas: np.ndarray,
-    ) -> None:
-        boxes = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
-        clipped = boxes.copy()
-        clipped[:, 0::2] = clipped[:, 0::2].clip(0, width)
-        clipped[:, 1::2] = clipped[:, 1::2].clip(0, height)
-        valid = (clipped[:, 2] > clipped[:, 0]) & (clipped[:, 3] > clipped[:, 1])
-        self.dropped += int((~valid).sum())
-        self.clipped += int((valid & np.any(clipped != boxes, axis=1)).sum())
-        self.file_names.append(file_name)
-        self.image_ids.append(int(image_id))
-        self.heights.append(int(height))
-        self.widths.append(int(width))
-        self.counts.append(int(valid.sum()))
-        self.boxes.append(clipped[valid].astype(np.float32))
-        self.labels.append(np.asarray(labels, dtype=np.int64)[valid])
-        self.crowd.append(np.asarray(crowd, dtype=np.uint8)[valid])
-        self.difficult.append(np.asarray(difficult, dtype=np.uint8)[valid])
-        self.areas.append(np.asarray(areas, dtype=np.float32)[valid])
-
-    def build(self) -> DetectionAnnotations:
-        def cat(parts: list[np.ndarray], dtype: Any, shape: tuple[int, ...]) -> np.ndarray:
-            return np.concatenate(parts).astype(dtype) if parts else np.zeros(shape, dtype=dtype)
-
-        return DetectionAnnotations(
-            root=self.root,
-            file_names=np.array([name.encode("utf-8") for name in self.file_names], dtype=np.bytes_),
-            image_ids=np.asarray(self.image_ids, dtype=np.int64),
-            heights=np.asarray(self.heights, dtype=np.int32),
-            widths=np.asarray(self.widths, dtype=np.int32),
-            offsets=np.concatenate(([0], np.cumsum(self.counts, dtype=np.int64))).astype(np.int64),
-            boxes=cat(self.boxes, np.float32, (0, 4)).reshape(-1, 4),
-            labels=cat(self.labels, np.int64, (0,)),
-            crowd=cat(self.crowd, np.uint8, (0,)),
-            difficult=cat(self.difficult, np.uint8, (0,)),
-            areas=cat(self.areas, np.float32, (0,)),
-            string_ids=self.string_ids,
-            clipped_boxes=self.clipped,
-            dropped_boxes=self.dropped,
-            source=self.source,
-        )
-
-
-# ----------------------------------------------------------------------------------------------- transforms
-def detection_train_transform(
-    hflip_prob: float = 0.5, large_scale_jitter: tuple[float, float] | None = None, crop_size: int | None = None
-) -> A.Compose:
-    """Training augmentation: horizontal flip, optionally large-scale jitter; boxes follow and stay inside.
-
-    Multi-scale training is the model's job (`--model.min_size [480, ..., 800]`): its transform resizes every
-    image, so a resize here would be undone. Large-scale jitter (Ghiasi et al. 2021, torchvision's `ScaleJitter`
-    + `FixedSizeCrop`) is the exception: the longer side is scaled to `crop_size` x r (r drawn in
-    `large_scale_jitter`), then the image is padded / randomly cropped to `crop_size` x `crop_size`; use it with
-    `--model.min_size crop_size --model.max_size crop_size` so the model's resize leaves it alone.
-    """
-    steps: list[Any] = []
-    if large_scale_jitter is not None:
-        if crop_size is None:
-            raise UserError("--data.large_scale_jitter needs --data.crop_size (the fixed training size, e.g. 1024).")
-        low, high = large_scale_jitter
-        steps += [
-            A.LongestMaxSize(max_size=crop_size),
-            A.RandomScale(scale_limit=(low - 1.0, high - 1.0), p=1.0),
-            A.PadIfNeeded(min_height=crop_size, min_width=crop_size, position="top_left", fill=0),
-            A.RandomCrop(height=crop_size, width=crop_size),
-        ]
-    steps.append(A.HorizontalFlip(p=hflip_prob))
-    return A.Compose(
-        steps,
-        bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], clip=True, filter_invalid_bboxes=True),
-    )
-
-
-def image_to_tensor(image: np.ndarray) -> torch.Tensor:
-    """HxWx3 uint8 -> 3xHxW float32 in [0, 1] (the detector normalises with ImageNet statistics itself)."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))).float().div_(255.0)
-
-
+# ----------------------------------------------------------------------------------------------- dataset
 def detection_collate(batch: Sequence[tuple[torch.Tensor, dict[str, Any]]]) -> tuple[list, list]:
     """Images of different sizes stay a list (the model batches them after resizing)."""
     images, targets = zip(*batch)
@@ -293,7 +114,8 @@ class DetectionDataset(Dataset):
             "image_key": ann.result_image_id(index),
             "file_name": ann.file_name(index),
         }
-        return image_to_tensor(image), target
+        # Pixels in [0, 1]: the detector normalises with its own statistics.
+        return image_to_tensor(image, as_float=True), target
 
 
 class ImageFolderDetectionDataset(Dataset):
@@ -319,73 +141,33 @@ class ImageFolderDetectionDataset(Dataset):
             "image_key": path.stem,
             "file_name": path.name,
         }
-        return image_to_tensor(image), target
-
-
-# ----------------------------------------------------------------------------------------------- batching
-def aspect_ratio_groups(widths: np.ndarray, heights: np.ndarray, group_factor: int) -> np.ndarray:
-    """Group id per image from width/height quantised on 2k+1 log-spaced bin edges in [1/2, 2] (k = factor).
-
-    The same bins as torchvision's references (`_quantize(aspect_ratios, 2 ** linspace(-1, 1, 2k+1))`).
-    """
-    ratios = widths.astype(np.float64) / np.maximum(heights.astype(np.float64), 1.0)
-    edges = 2.0 ** np.linspace(-1, 1, 2 * group_factor + 1)
-    return np.digitize(ratios, edges)
-
-
-class GroupedBatchSampler(ResumableBatchSampler):
-    """Batches of images from one aspect-ratio group (less padding when the model batches them).
-
-    Draws `(index, seed)` items from `sampler` (this rank's shard of a `TrainSampler` under DDP), fills one
-    bucket per group and emits a bucket when it holds `batch_size` items. At the end the fullest unfinished
-    buckets are topped up with earlier items of their own group, so every rank yields exactly
-    `len(sampler) // batch_size` batches (equal counts keep DDP ranks in step).
-    """
-
-    def __init__(self, sampler: TrainSampler, group_ids: np.ndarray, batch_size: int) -> None:
-        super().__init__(sampler, batch_size)
-        self.group_ids = np.asarray(group_ids)
-
-    def epoch_batches(self) -> Iterator[list[tuple[int, int]]]:
-        buckets: dict[int, list[tuple[int, int]]] = defaultdict(list)
-        seen: dict[int, list[tuple[int, int]]] = defaultdict(list)
-        emitted = 0
-        for item in self.sampler:
-            group = int(self.group_ids[item[0]])
-            buckets[group].append(item)
-            seen[group].append(item)
-            if len(buckets[group]) == self.batch_size:
-                yield buckets.pop(group)
-                emitted += 1
-        wanted = len(self)
-        for group, bucket in sorted(buckets.items(), key=lambda entry: (-len(entry[1]), entry[0])):
-            if emitted >= wanted:
-                break
-            pool = seen[group]
-            missing = self.batch_size - len(bucket)
-            filler = (pool * math.ceil(missing / len(pool) + 1))[:missing]
-            yield bucket + filler
-            emitted += 1
+        return image_to_tensor(image, as_float=True), target
 
 
 # ----------------------------------------------------------------------------------------------- data modules
 class DetectionDataModule(BaseDataModule):
-    """What the COCO and VOC detection modules share: datasets, loaders, grouping, predict folders.
+    """What every detection module shares: datasets, collate, aspect-ratio grouped training batches, predict folders,
+    a held-out val split and the test split's fallback.
 
-    Label convention: labels 1..K are the object classes, 0 is the background (`label_space`: background at 0
-    with category id 0, never written to results). Targets carry each box's dataset category id beside its
+    Label convention: labels 1..K are the object classes, 0 is the background (`label_space`: background at 0,
+    with no dataset category id, never written to results). Targets carry each box's dataset category id beside its
     label, so evaluation compares in the dataset's id space whatever label space the model has.
     Subclasses implement `load_split(split)`; `evaluation_style` says which extra metrics apply ("coco"|"voc").
+    `val_split` None: the data has no val split, so `val_fraction` of the training images (default 0.1) is held
+    out as val; a subclass that takes `val_fraction` / `split_seed` sets them (a given fraction always holds out).
+    `test_split` None: `test` evaluates the val split (said in one line).
     """
 
     evaluation_style: str = "coco"
+    val_fraction: float | None = None
+    split_seed: int = 0
 
     def __init__(
         self,
         batch_size: int = 2,
-        train_split: str = "train",
-        val_split: str = "val",
-        test_split: str = "val",
+        train_split: str | None = "train",
+        val_split: str | None = "val",
+        test_split: str | None = "val",
         predict_split: str | None = None,
         aspect_ratio_group_factor: int = 3,
         hflip_prob: float = 0.5,
@@ -405,7 +187,6 @@ class DetectionDataModule(BaseDataModule):
         self.crop_size = crop_size
         self.remove_images_without_annotations = remove_images_without_annotations
         self._annotations: dict[str, DetectionAnnotations] = {}
-        self._datasets: dict[str, Dataset] = {}
 
     # -- subclass API
     def load_split(self, split: str) -> DetectionAnnotations:
@@ -424,9 +205,51 @@ class DetectionDataModule(BaseDataModule):
         """Background, then the object classes `names` with their dataset `category_ids` (labels 1..K)."""
         self.label_space = LabelSpace.with_background(names, category_ids)
 
+    def summarise(self, split: str, annotations: DetectionAnnotations) -> None:
+        """Print the data summary of a split once: images, boxes, negatives, classes without a box."""
+        names = self.label_space.object_names if self.label_space is not None else ()
+        trained = split != self.train_split or not self.remove_images_without_annotations
+        tell(annotations.summary(names, negatives_trained=trained))
+
+    # -- the splits
+    @functools.cached_property
+    def held_out(self) -> float | None:
+        """The share of the training images held out as val (None: the data's own val split)."""
+        return choose_val_fraction(self.val_fraction, self.val_split is not None, self.describe_split("train"))
+
+    def describe_split(self, key: str) -> str:
+        """The split `key` as the user knows it (a file or folder), for messages."""
+        return f"{type(self).__name__} split {getattr(self, f'{key}_split')!r}"
+
+    @functools.cached_property
+    def held_out_indices(self) -> tuple[np.ndarray, np.ndarray]:
+        """(train, val) image indices into the training split: seeded, stratified by each image's most frequent
+        class (negatives a class of their own), a function of the file names."""
+        annotations = self.annotations(self.require_split("train"))
+        names = [annotations.file_name(i) for i in range(len(annotations))]
+        labels = annotations.most_frequent_labels()
+        return hold_out(names, labels, float(self.held_out or 0), self.split_seed, self.describe_split("train"))
+
+    def require_split(self, key: str) -> str:
+        """The split name of `key`; UserError when the data has none."""
+        name = getattr(self, f"{key}_split")
+        if name is None:
+            raise UserError(f"{type(self).__name__}: the data has no {key} split. Pass --data.{key}_split NAME.")
+        return name
+
+    def split_annotations(self, key: str) -> DetectionAnnotations:
+        """The annotations of "train", "val" or "test" as read (negatives included; val held out of train where
+        that applies; test is val without a test split)."""
+        if key == "test" and self.test_split is None:
+            key = "val"  # test evaluates val
+        if key in ("train", "val") and self.held_out is not None:
+            train, val = self.held_out_indices
+            return self.annotations(self.require_split("train")).subset(train if key == "train" else val)
+        return self.annotations(self.require_split(key))
+
     # -- datasets
     def train_dataset(self) -> DetectionDataset:
-        annotations = self.annotations(self.train_split)
+        annotations = self.split_annotations("train")
         if self.remove_images_without_annotations:
             # torchvision's recipe trains only on images with at least one usable (non-crowd) object.
             usable = (annotations.crowd == 0) & (annotations.difficult == 0)
@@ -448,37 +271,40 @@ class DetectionDataModule(BaseDataModule):
         """Label -> the dataset's category id (None: labels are the ids)."""
         return None if self.label_space is None else self.label_space.category_ids
 
+    def build_dataset(self, key: str) -> Dataset:
+        """train and val/test from their splits (val held out of train where that applies; test: val when the data
+        has no test split); predict over `predict_path` (a folder of images) or `predict_split` (default val)."""
+        if key == "train":
+            return self.train_dataset()
+        if key == "predict" and self.predict_path is not None:
+            return ImageFolderDetectionDataset(self.predict_path)
+        if key == "test" and self.test_split is None:
+            tell("no test split: test evaluates the val split")
+            return self.dataset("val")
+        if key == "predict" and self.predict_split in (None, self.val_split):
+            return self.dataset("val")
+        if key == "val" and self.held_out is not None:
+            annotations = self.split_annotations("val")
+            return DetectionDataset(annotations, train=False, category_ids=self.category_id_table())
+        return self.eval_dataset(self.require_split(key))
+
     def setup(self, stage: str | None = None) -> None:
-        if stage in ("fit", None):
-            self._datasets["train"] = self.train_dataset()
-            self._datasets["val"] = self.eval_dataset(self.val_split)
-        if stage == "validate":
-            self._datasets["val"] = self.eval_dataset(self.val_split)
-        if stage == "test":
-            self._datasets["test"] = self.eval_dataset(self.test_split)
-        if stage == "predict":
-            if self.predict_path is not None:
-                self._datasets["predict"] = ImageFolderDetectionDataset(self.predict_path)
-            else:
-                self._datasets["predict"] = self.eval_dataset(self.predict_split)
+        super().setup(stage)
+        if stage == "fit" and self.held_out is not None and self.trainer is not None:
+            val = self.dataset("val").annotations  # type: ignore[attr-defined]
+            save_val_split(self.trainer, lambda: [val.file_name(i) for i in range(len(val))])
 
-    # -- loaders
-    def train_dataloader(self) -> torch.utils.data.DataLoader:
-        dataset = self._datasets["train"]
+    def collate(self, train: bool) -> Callable:
+        return detection_collate
+
+    def train_batch_sampler(self, dataset: Dataset) -> ResumableBatchSampler:
+        """Batches of one aspect-ratio group (`aspect_ratio_group_factor` < 0: plain shuffled batches)."""
         if self.aspect_ratio_group_factor < 0:
-            return self.loader(dataset, train=True, collate_fn=detection_collate)
-        annotations = dataset.annotations
+            return super().train_batch_sampler(dataset)
+        annotations = dataset.annotations  # type: ignore[attr-defined]
         groups = aspect_ratio_groups(annotations.widths, annotations.heights, self.aspect_ratio_group_factor)
-        batches = GroupedBatchSampler(self.train_sampler(len(dataset)), groups, self.batch_size)
-        return self.loader(dataset, train=True, collate_fn=detection_collate, batch_sampler=batches)
+        return AspectRatioBatchSampler(self.train_sampler(len(dataset)), groups, self.batch_size)  # type: ignore[arg-type]
 
-    def val_dataloader(self) -> torch.utils.data.DataLoader:
-        return self.loader(self._datasets["val"], train=False, collate_fn=detection_collate)
-
-    def test_dataloader(self) -> torch.utils.data.DataLoader:
-        return self.loader(self._datasets["test"], train=False, collate_fn=detection_collate)
-
-    def predict_dataloader(self) -> torch.utils.data.DataLoader:
-        return self.loader(self._datasets["predict"], train=False, collate_fn=detection_collate)
-
-
+    def eval_preprocessing(self) -> dict[str, Any]:
+        """Images as they are: the detector resizes (`model_resize`, the model's setting) and normalises itself."""
+        return {**super().eval_preprocessing(), "output": DETECTION_OUTPUT}

@@ -14,15 +14,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from resnet_tasks.data.common import UnreadableImageError, jpeg_state, read_image
+from resnet_tasks.data.io import EXIF_ORIENTATION_TAG, image_to_tensor, jpeg_state, read_image, read_image_bytes
 from resnet_tasks.data.transforms import ResizedCropSampler
-
-EXIF_ORIENTATION_TAG = 0x0112
 
 
 def read_encoded(path: str | Path) -> torch.Tensor:
@@ -33,16 +30,11 @@ def read_encoded(path: str | Path) -> torch.Tensor:
     ignores EXIF), so both paths see the same upright pixels.
     """
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise UnreadableImageError(
-            f"Cannot read image {path}: {error.strerror or error}. Check that the file exists."
-        ) from None
+    data = read_image_bytes(path)
     if jpeg_state(data) == "complete" and not _rotated(data):
         return torch.frombuffer(bytearray(data), dtype=torch.uint8)
     # Not a JPEG, a truncated one (read_image names it) or an EXIF-rotated one: decode on CPU as the workers' path.
-    return torch.from_numpy(np.ascontiguousarray(read_image(path).transpose(2, 0, 1)))
+    return image_to_tensor(read_image(path))
 
 
 def _rotated(data: bytes) -> bool:
@@ -129,8 +121,7 @@ def decode_batch(encoded: EncodedImages, device: torch.device) -> tuple[list[tor
                         f"Corrupt or unreadable image {encoded.paths[i]} ({reason}). Re-download or remove the file."
                     )
                 else:
-                    rgb = cv2.cvtColor(array, cv2.COLOR_BGR2RGB).transpose(2, 0, 1)
-                    images[i] = torch.from_numpy(np.ascontiguousarray(rgb)).to(device)
+                    images[i] = image_to_tensor(cv2.cvtColor(array, cv2.COLOR_BGR2RGB)).to(device)
     return images, failures
 
 

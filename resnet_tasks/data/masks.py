@@ -1,4 +1,5 @@
-"""Label maps on disk: the PASCAL VOC palette and reading / writing class-index PNGs (pixel = class, 255 = ignore)."""
+"""Label maps on disk: the PASCAL VOC palette, reading / writing class-index PNGs (pixel = class, 255 = ignore) and
+reading SBD's .mat label maps."""
 
 from __future__ import annotations
 
@@ -52,3 +53,28 @@ def save_palette_mask(mask: np.ndarray, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     picture.save(path, optimize=False)
+
+
+def read_sbd_mat(path: str | Path) -> np.ndarray:
+    """SBD's `cls/<stem>.mat` -> HxW uint8 class map (field GTcls.Segmentation)."""
+    try:
+        import scipy.io
+    except ImportError:
+        raise UserError(
+            f"Reading SBD masks ({path}) needs scipy, which resnet-tasks does not install by default: "
+            "pip install scipy (or provide SegmentationClassAug/*.png instead)."
+        ) from None
+    try:
+        mat = scipy.io.loadmat(str(path), squeeze_me=False, struct_as_record=True)
+        segmentation = mat["GTcls"][0, 0]["Segmentation"]
+    except Exception as error:  # scipy raises several types for broken or foreign files
+        raise UserError(
+            f"Cannot read SBD mask {path} ({type(error).__name__}: {error}); expected SBD's cls/*.mat with "
+            "a GTcls struct holding Segmentation. Re-extract the SBD archive."
+        ) from None
+    return np.ascontiguousarray(segmentation, dtype=np.uint8)
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """A label map from a palette/grayscale PNG or an SBD .mat file."""
+    return read_sbd_mat(path) if str(path).endswith(".mat") else read_mask(path)

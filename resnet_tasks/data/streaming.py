@@ -22,26 +22,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from resnet_tasks.data.classification import ImageFolderDataModule, ImageListDataset
-from resnet_tasks.data.common import (
-    Skipped,
-    SkippingCollate,
-    UnreadableImageError,
-    decode_image,
-    list_images,
-    sample_seed,
-    worker_init,
-)
-from resnet_tasks.data.detection import (
-    DetectionAnnotations,
-    DetectionDataModule,
-    DetectionDataset,
-    detection_collate,
-    detection_train_transform,
-)
+from resnet_tasks.data.chunk_metadata import read_metadata, require_litdata
+from resnet_tasks.data.classification import ImageFolderDataModule
+from resnet_tasks.data.detection import DetectionAnnotations, DetectionDataModule, DetectionDataset
+from resnet_tasks.data.io import UnreadableImageError, decode_image, list_images
+from resnet_tasks.data.sampling import sample_seed, worker_init
+from resnet_tasks.data.skipping import CollateReadableItems, UnreadableItem
+from resnet_tasks.data.transforms import detection_train_transform
 from resnet_tasks.errors import UserError
 from resnet_tasks.labels import LabelSpace
-from resnet_tasks.optimize import read_metadata, require_litdata
 
 
 def split_location(root: str, split: str) -> str:
@@ -70,8 +59,8 @@ class SampleDecoder:
         try:
             image = decode_image(np.frombuffer(sample["image"], dtype=np.uint8), name)
         except UnreadableImageError as error:
-            if self.train:  # training skips and counts it (SkippingCollate), as the file-based modules do
-                return Skipped(str(error))
+            if self.train:  # training skips and counts it (CollateReadableItems), as the file-based modules do
+                return UnreadableItem(str(error))
             raise
         return self.make_item(image, sample, seed)
 
@@ -188,13 +177,14 @@ class StreamingTraining:
 
     _train_loader: Any = None
 
-    def streaming_train_loader(self, stream: Any, collate_fn: Any = None) -> Any:
-        """A StreamingDataLoader over `stream` (a shuffled StreamingDataset), positioned at the restored state."""
+    def train_loader(self, dataset: Any) -> Any:
+        """A StreamingDataLoader over the training stream (a shuffled StreamingDataset), positioned at the restored
+        state."""
         loader = streaming_train_loader_class()(
-            stream,
+            dataset,
             batch_size=self.batch_size,
             num_workers=self.num_workers,
-            collate_fn=SkippingCollate(collate_fn),
+            collate_fn=CollateReadableItems(self.collate(train=True)),
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             worker_init_fn=worker_init,
         )
@@ -284,24 +274,19 @@ class StreamingClassificationDataModule(StreamingTraining, ImageFolderDataModule
         check_label_space(location, metadata, self.folder_names)
         return location, metadata
 
-    def dataset(self, key: str) -> Dataset:
-        if key not in self.datasets:
-            if key == "train":
-                location, _ = self.split_metadata(self.train_split)
-                self.datasets[key] = self.training_stream(location, ClassificationItem(self.train_transform()))
-            elif key == "predict" and self.predict_path is not None:
-                folder = Path(self.predict_path)
-                files = list_images(folder)
-                self.datasets[key] = ImageListDataset(files, [-1] * len(files), self.eval_transform(), root=folder)
-            else:
-                split = {"val": self.val_split, "test": self.test_split, "predict": self.val_split}[key]
-                location, metadata = self.split_metadata(split)
-                item = ClassificationItem(self.eval_transform())
-                self.datasets[key] = StreamingEvalDataset(location, item, int(metadata["num_samples"]))
-        return self.datasets[key]
-
-    def train_dataloader(self) -> Any:
-        return self.streaming_train_loader(self.dataset("train"))
+    def build_dataset(self, key: str) -> Dataset:
+        """train as a LitData stream; val, test and predict (without `predict_path`) read by index."""
+        if key == "train":
+            location, _ = self.split_metadata(self.train_split)
+            return self.training_stream(location, ClassificationItem(self.train_transform()))
+        if key == "predict" and self.predict_path is not None:
+            folder = Path(self.predict_path)
+            files = list_images(folder)
+            return self.image_list(files, [-1] * len(files), folder, train=False)
+        split = {"val": self.val_split, "test": self.test_split, "predict": self.val_split}[key]
+        location, metadata = self.split_metadata(split)
+        item = ClassificationItem(self.eval_transform())
+        return StreamingEvalDataset(location, item, int(metadata["num_samples"]))
 
 
 class StreamingDetectionDataModule(StreamingTraining, DetectionDataModule):
@@ -351,6 +336,3 @@ class StreamingDetectionDataModule(StreamingTraining, DetectionDataModule):
         exclude = metadata.get("images_without_objects") if self.remove_images_without_annotations else None
         item = DetectionItem(self.label_space, train=True, transform=transform)
         return self.training_stream(location, item, exclude)
-
-    def train_dataloader(self) -> Any:
-        return self.streaming_train_loader(self._datasets["train"], collate_fn=detection_collate)

@@ -1,19 +1,21 @@
-"""albumentations presets for classification (ImageNet and CIFAR recipes) and shared constants.
-
-Detection and segmentation presets live beside their datasets (`coco.py`, `voc.py`, `voc_segmentation.py`)
-because they carry boxes and masks along.
-"""
+"""The albumentations presets of the three tasks (classification's ImageNet and CIFAR recipes, detection's flip and
+large-scale jitter, segmentation's scaled crops) and the normalisation constants."""
 
 from __future__ import annotations
 
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import albumentations as A
 import cv2
 import numpy as np
 import torch
+
+from resnet_tasks.data.io import image_to_tensor
+from resnet_tasks.errors import UserError
+from resnet_tasks.labels import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -22,11 +24,6 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
 RESIZED_CROP_RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range (torchvision's default)
-
-
-def to_tensor(image: np.ndarray) -> torch.Tensor:
-    """HxWxC float32 array -> CxHxW tensor (no copy of the data beyond the transpose)."""
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,11 +137,11 @@ class AlbumentationsTransform:
             self.pipeline.set_random_seed(seed)
         out = self.pipeline(image=image)["image"]
         if self.normalize is None:
-            return to_tensor(out)
+            return image_to_tensor(out)
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            pixels = to_tensor(out)  # uint8 CHW
+            pixels = image_to_tensor(out)  # uint8 CHW
             if self.policy is not None:
                 pixels = self.policy(pixels)
             tensor = self.normalize(pixels.float().div_(255.0))
@@ -159,10 +156,11 @@ def imagenet_train_transform(
     crop_size: int = 224,
     scale: tuple[float, float] = (0.08, 1.0),
     hflip: bool = True,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
+    *,
     trivial_augment: bool = False,
     random_erase: float = 0.0,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
 ) -> Callable[[np.ndarray], torch.Tensor]:
     """torchvision's ImageNet training preset: RandomResizedCrop (bilinear) + horizontal flip (+ TrivialAugment
     wide) + normalise (+ random erasing with probability `random_erase`); the crop and flip come from
@@ -207,3 +205,92 @@ def cifar_eval_transform(
 ) -> Callable[[np.ndarray], torch.Tensor]:
     """CIFAR evaluation: per-channel normalisation only."""
     return AlbumentationsTransform([A.Normalize(mean=mean, std=std, max_pixel_value=255.0)])
+
+
+# ----------------------------------------------------------------------------------------------- detection
+def detection_train_transform(
+    hflip_prob: float = 0.5, large_scale_jitter: tuple[float, float] | None = None, crop_size: int | None = None
+) -> A.Compose:
+    """Training augmentation: horizontal flip, optionally large-scale jitter; boxes follow and stay inside.
+
+    Multi-scale training is the model's job (`--model.min_size [480, ..., 800]`): its transform resizes every
+    image, so a resize here would be undone. Large-scale jitter (Ghiasi et al. 2021, torchvision's `ScaleJitter`
+    + `FixedSizeCrop`) is the exception: the longer side is scaled to `crop_size` x r (r drawn in
+    `large_scale_jitter`), then the image is padded / randomly cropped to `crop_size` x `crop_size`; use it with
+    `--model.min_size crop_size --model.max_size crop_size` so the model's resize leaves it alone.
+    """
+    steps: list[Any] = []
+    if large_scale_jitter is not None:
+        if crop_size is None:
+            raise UserError("--data.large_scale_jitter needs --data.crop_size (the fixed training size, e.g. 1024).")
+        low, high = large_scale_jitter
+        steps += [
+            A.LongestMaxSize(max_size=crop_size),
+            A.RandomScale(scale_limit=(low - 1.0, high - 1.0), p=1.0),
+            A.PadIfNeeded(min_height=crop_size, min_width=crop_size, position="top_left", fill=0),
+            A.RandomCrop(height=crop_size, width=crop_size),
+        ]
+    steps.append(A.HorizontalFlip(p=hflip_prob))
+    return A.Compose(
+        steps,
+        bbox_params=A.BboxParams(format="pascal_voc", label_fields=["labels"], clip=True, filter_invalid_bboxes=True),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- segmentation
+def segmentation_train_transform(
+    crop_size: int = 480,
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    hflip: bool = True,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+    base_size: int | None = None,
+) -> A.Compose:
+    """Random scale, pad to the crop (image 0, mask 255), random crop, flip, normalise.
+
+    The scale is a factor of the image drawn in `scale_range`, or, with `base_size` (torchvision's preset), the
+    shorter side is resized to a random integer in `scale_range` x `base_size`. Masks are only ever resized
+    with nearest neighbour and padded with 255, so they hold class ids and 255.
+    """
+    low, high = scale_range
+    if base_size is None:
+        resize: A.BasicTransform = A.RandomScale(
+            scale_limit=(low - 1.0, high - 1.0),
+            interpolation=cv2.INTER_LINEAR,
+            mask_interpolation=cv2.INTER_NEAREST,
+            p=1.0,
+        )
+    else:
+        resize = A.SmallestMaxSize(
+            max_size=list(range(int(low * base_size), int(high * base_size) + 1)),
+            interpolation=cv2.INTER_LINEAR,
+            mask_interpolation=cv2.INTER_NEAREST,
+            area_for_downscale="image",
+        )
+    steps: list[A.BasicTransform] = [
+        resize,
+        A.PadIfNeeded(
+            min_height=crop_size,
+            min_width=crop_size,
+            position="top_left",
+            border_mode=cv2.BORDER_CONSTANT,
+            fill=0,
+            fill_mask=IGNORE_INDEX,
+        ),
+        A.RandomCrop(height=crop_size, width=crop_size),
+    ]
+    if hflip:
+        steps.append(A.HorizontalFlip(p=0.5))
+    steps.append(A.Normalize(mean=mean, std=std, max_pixel_value=255.0))
+    return A.Compose(steps)
+
+
+def segmentation_eval_transform(
+    eval_size: int | None = 520, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> A.Compose:
+    """Image only: shorter side to `eval_size` (bilinear; None keeps the size), then normalise."""
+    steps: list[A.BasicTransform] = []
+    if eval_size is not None:
+        steps.append(A.SmallestMaxSize(max_size=eval_size, interpolation=cv2.INTER_LINEAR))
+    steps.append(A.Normalize(mean=mean, std=std, max_pixel_value=255.0))
+    return A.Compose(steps)

@@ -1,11 +1,13 @@
 """Gallery samples kept during evaluation (rank 0 only): the first N images and the N with the highest error.
 
 Memory is bounded: at most 2N items, each an image of at most `MAX_SIDE` pixels on its longer side with its
-prediction and ground truth; an image is copied to the CPU only when it is kept.
+prediction and ground truth; an image is copied to the CPU only when it is kept. The error scores of a batch stay on
+the device until the keeper reads them back, several batches at a time (`readback_every`).
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 from collections.abc import Callable
@@ -52,17 +54,42 @@ class GalleryItem:
 class GalleryKeeper:
     """Keeps the first `size` images offered and, in a bounded min-heap, the `size` with the highest error.
 
-    `offer(error, build)` calls `build()` (which copies the image) only when the item is kept.
+    `offer(error, build)` calls `build()` (which copies the image) only when the item is kept. `offer_batch` queues a
+    batch whose error scores are still on the device; the queue is read back in one transfer every `readback_every`
+    batches (0: only at `flush`), so the host waits for the device once per that many batches, and the queued
+    batches (what their `build` needs) stay in memory until then.
     """
 
-    def __init__(self, size: int = GALLERY_SIZE) -> None:
+    def __init__(self, size: int = GALLERY_SIZE, readback_every: int = 0) -> None:
         self.size = max(0, int(size))
+        self.readback_every = max(0, int(readback_every))
         self.reset()
 
     def reset(self) -> None:
         self.first: list[GalleryItem] = []
         self._heap: list[tuple[float, int, GalleryItem]] = []
         self._counter = itertools.count()
+        self._queued: list[tuple[torch.Tensor, Callable[[int], GalleryItem]]] = []
+
+    def offer_batch(self, errors: torch.Tensor, build: Callable[[int], GalleryItem]) -> None:
+        """Queue one batch: its per-image error scores (a tensor not read yet) and `build(i)` for image i."""
+        if self.size == 0:
+            return
+        self._queued.append((errors.detach().reshape(-1), build))
+        if self.readback_every and len(self._queued) >= self.readback_every:
+            self.flush()
+
+    def flush(self) -> None:
+        """Read the queued batches' error scores back (one transfer) and offer their images in order."""
+        queued, self._queued = self._queued, []
+        if not queued:
+            return
+        values = torch.cat([errors.to(torch.float64) for errors, _ in queued]).tolist()
+        position = 0
+        for errors, build in queued:
+            for index in range(errors.numel()):
+                self.offer(values[position], functools.partial(build, index))
+                position += 1
 
     def offer(self, error: float, build: Callable[[], GalleryItem]) -> None:
         """Consider one image with error score `error` (higher = worse)."""

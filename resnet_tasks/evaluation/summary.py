@@ -1,4 +1,5 @@
-"""What one evaluation hands to the report: the per-class table, the confusion matrix, PR curves and gallery samples.
+"""What one evaluation hands to the report (the per-class table, the confusion matrix, PR curves and gallery
+samples) and to the loggers.
 
 Every number here comes from the metric states that give the headline numbers (already summed or gathered
 across DDP ranks): nothing is evaluated twice.
@@ -69,6 +70,36 @@ class EvaluationSummary:
             {"class": name, **{column: float(values[i]) for column, values in self.per_class.items()}}
             for i, name in enumerate(self.class_names)
         ]
+
+
+@dataclass
+class EvaluationResult:
+    """What a task computes at the end of a validation/test epoch.
+
+    `metrics` are logged as `<stage>/<name>` (loggers, progress bar, metrics.json); `entries` (per-class values)
+    go to metrics.json only; `summary` is the report's, without its gallery (the task's evaluation loop adds it).
+    """
+
+    metrics: dict[str, torch.Tensor | float]
+    entries: dict[str, float]
+    summary: EvaluationSummary
+
+
+def confusion_summary(
+    task: str, names: Sequence[str], confusion: torch.Tensor, columns: dict[str, str]
+) -> EvaluationSummary:
+    """The summary of a class-map evaluation (classification, segmentation): the confusion matrix and the per-class
+    table with `columns` (table column -> `confusion_table` score; the first is the main column)."""
+    counts = confusion.cpu()
+    table = confusion_table(counts)
+    return EvaluationSummary(
+        task=task,
+        class_names=list(names),
+        per_class={column: table[score].tolist() for column, score in columns.items()},
+        main_column=next(iter(columns)),
+        confusion=counts.numpy(),
+        confusion_names=list(names),
+    )
 
 
 def per_class_entries(names: Sequence[str], columns: dict[str, Sequence[float]]) -> dict[str, float]:

@@ -7,6 +7,7 @@ from typing import Any
 
 import lightning as L
 
+from resnet_tasks.compat import attached_trainer
 from resnet_tasks.evaluation.summary import EvaluationSummary
 
 
@@ -18,9 +19,8 @@ def publish_evaluation(
     TensorBoard (validation only, rank 0)."""
     for name, value in entries.items():
         task.log(f"{prefix}/{name}", value, batch_size=1, sync_dist=False, logger=False)
-    task.evaluation_summary = summary
     count = int(getattr(task, "log_images", 0) or 0)
-    trainer: Any = task._trainer
+    trainer: Any = attached_trainer(task)
     if count > 0 and prefix == "val" and trainer is not None and not trainer.sanity_checking:
         if trainer.is_global_zero:
             from resnet_tasks.report.tensorboard import log_pictures

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from resnet_tasks.data.masks import VOC_PALETTE
 from resnet_tasks.evaluation.gallery import GalleryItem
-from resnet_tasks.writers.detection import BOX_COLOURS
+from resnet_tasks.report.drawing import WHITE, box_colour, mask_colour, overlay_mask
 
 CELL = 256  # pixels of one image panel (square, image letterboxed inside)
 HEADER = 22  # title strip above a sample
@@ -57,10 +56,18 @@ def text_box(draw: ImageDraw.ImageDraw, xy: tuple[float, float], text: str, colo
 
 
 def colour_of(name: str, colours: dict[str, tuple[int, int, int]]) -> tuple[int, int, int]:
-    """One colour per class name, in order of first appearance (the same class keeps it across the gallery)."""
+    """One colour per class name across the gallery: the colour of its label when `colours` was seeded with the
+    label space's names (`class_colours`), else the next colour in order of first appearance."""
     if name not in colours:
-        colours[name] = BOX_COLOURS[len(colours) % len(BOX_COLOURS)]
+        colours[name] = box_colour(len(colours) + 1)
     return colours[name]
+
+
+def class_colours(items: Sequence[GalleryItem]) -> dict[str, tuple[int, int, int]]:
+    """Class name -> box colour from the items' class names (label i of the label space gets `box_colour(i)`,
+    as in the prediction pictures); empty when the items do not name their classes."""
+    names = next((getattr(item, "class_names", None) or item.mask_names for item in items), [])
+    return {name: box_colour(label) for label, name in enumerate(names) if label > 0}
 
 
 def boxes_panel(
@@ -84,14 +91,10 @@ def boxes_panel(
 
 def mask_panel(item: GalleryItem, mask: np.ndarray | None, alpha: float = 0.55) -> Image.Image:
     """The image with each non-background class of `mask` painted in its VOC colour (ignore pixels white)."""
-    image = item.image.astype(np.float32)
+    image = item.image
     if mask is not None and mask.shape == image.shape[:2]:
-        palette = np.asarray(VOC_PALETTE, dtype=np.float32).reshape(-1, 3)
-        colours = palette[mask]
-        painted = (mask > 0) & (mask < 255)
-        image[painted] = (1 - alpha) * image[painted] + alpha * colours[painted]
-        image[mask == 255] = 255.0
-    cell, _, _ = fit_image(image.round().clip(0, 255).astype(np.uint8))
+        image = overlay_mask(image, mask, alpha, ignore_colour=WHITE)
+    cell, _, _ = fit_image(image)
     return cell
 
 
@@ -101,7 +104,7 @@ def legend_panel(names: Sequence[str], indices: Sequence[int], width: int) -> Im
     draw = ImageDraw.Draw(strip)
     x = 4
     for index in indices:
-        colour = tuple(VOC_PALETTE[3 * index : 3 * index + 3])
+        colour = mask_colour(index)
         name = names[index] if 0 <= index < len(names) else str(index)
         draw.rectangle([x, 5, x + 12, 17], fill=colour, outline=(0, 0, 0))
         draw.text((x + 16, 4), name, fill=(0, 0, 0), font=font())
@@ -169,7 +172,7 @@ def gallery_picture(items: Sequence[GalleryItem], columns: int | None = None) ->
     """All samples in a grid (4 per row for classification, 2 truth|prediction pairs otherwise)."""
     if not items:
         return None
-    colours: dict[str, tuple[int, int, int]] = {}
+    colours = class_colours(items)
     pictures = [sample_picture(item, colours) for item in items]
     if columns is None:
         columns = 4 if pictures[0].width <= CELL else 2

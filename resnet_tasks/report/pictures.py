@@ -165,14 +165,14 @@ def pr_figure(summary: EvaluationSummary) -> Any:
     return figure
 
 
-def draw_pictures(summary: EvaluationSummary, out_dir: Path) -> list[Path]:
-    """Write pr_curve.png (detection), confusion_matrix.png and per_class.png into `out_dir`."""
+def draw_pictures(summary: EvaluationSummary, run_dir: Path) -> list[Path]:
+    """Write pr_curve.png (detection), confusion_matrix.png and per_class.png into the run directory."""
     written = []
     if summary.precision is not None and np.asarray(summary.precision).size:
-        written.append(save_figure(pr_figure(summary), out_dir / "pr_curve.png"))
+        written.append(save_figure(pr_figure(summary), run_dir / "pr_curve.png"))
     if summary.confusion is not None and np.asarray(summary.confusion).size:
         figure = confusion_figure(np.asarray(summary.confusion), summary.confusion_names)
-        written.append(save_figure(figure, out_dir / "confusion_matrix.png"))
+        written.append(save_figure(figure, run_dir / "confusion_matrix.png"))
     if summary.class_names:
-        written.append(save_figure(per_class_figure(summary), out_dir / "per_class.png"))
+        written.append(save_figure(per_class_figure(summary), run_dir / "per_class.png"))
     return written

@@ -9,10 +9,10 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any
 
 from resnet_tasks.errors import UserError
 from resnet_tasks.evaluation.summary import EvaluationSummary
+from resnet_tasks.report.curves import draw_run_curves
 from resnet_tasks.report.page import MAIN_COLUMNS, read_per_class, write_page
 
 
@@ -36,21 +36,19 @@ def draw_training_curves(run_dir: Path) -> Path | None:
     metrics_csv = run_dir / "metrics.csv"
     if not metrics_csv.is_file():
         return None
-    from resnet_tasks.plot import plot_run_curves
-
-    return plot_run_curves(metrics_csv, run_dir / "training_curves.png")
+    return draw_run_curves(metrics_csv, run_dir / "training_curves.png")
 
 
-def write_run_report(metrics_path: Path | None, model: Any) -> Path | None:
+def write_run_report(metrics_path: Path | None, summary: EvaluationSummary | None) -> Path | None:
     """After validate/test/fit on rank 0 (`metrics_path` None elsewhere): per_class.csv, the pictures and
-    report.html beside metrics.json, from the model's last `evaluation_summary`; prints the page's path."""
+    report.html beside metrics.json, from the last evaluation's `summary` (None: no evaluation ran); prints the
+    page's path."""
     if metrics_path is None:
         return None
     from resnet_tasks.report.gallery import write_gallery
     from resnet_tasks.report.pictures import draw_pictures
 
     run_dir = Path(metrics_path).parent
-    summary: EvaluationSummary | None = getattr(model, "evaluation_summary", None)
     if summary is not None:
         write_per_class_csv(summary, run_dir / "per_class.csv")
         draw_pictures(summary, run_dir)
@@ -114,6 +112,7 @@ def main(argv: list[str]) -> None:
     """`resnet-tasks report RUN_DIR [RUN_DIR ...] [--out FILE]`."""
     parser = argparse.ArgumentParser(
         prog="resnet-tasks report",
+        allow_abbrev=False,
         description="Build report.html for finished runs (metrics, per-class table, pictures, config); several "
         "runs go side by side on one page.",
     )

@@ -7,12 +7,13 @@ from typing import Any, ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchmetrics import MeanMetric
-from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix
+from torchmetrics.classification import MulticlassAccuracy
 from torchvision.transforms import v2
 
+from resnet_tasks.evaluation.confusion import ConfusionMatrix
 from resnet_tasks.evaluation.gallery import GalleryItem, image_array
-from resnet_tasks.evaluation.summary import confusion_table, per_class_entries
+from resnet_tasks.evaluation.mean import WeightedMean
+from resnet_tasks.evaluation.summary import EvaluationResult, confusion_summary, per_class_entries
 from resnet_tasks.tasks.base import TaskBase
 from resnet_tasks.tasks.tta import classification_logits
 from resnet_tasks.writers import PredictionWriter
@@ -49,17 +50,18 @@ class ClassificationTask(TaskBase):
         self.fc = nn.Linear(features, num_classes)
         self.batch_mix = self._batch_mix(mixup_alpha, cutmix_alpha, num_classes)
         top5 = min(5, num_classes)
+        # No argument checks: torchmetrics' checks read the labels back to the host on every batch.
         self.metrics = nn.ModuleDict(
             {
-                "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro"),
-                "top5": MulticlassAccuracy(num_classes, top_k=top5, average="micro"),
+                "top1": MulticlassAccuracy(num_classes, top_k=1, average="micro", validate_args=False),
+                "top5": MulticlassAccuracy(num_classes, top_k=top5, average="micro", validate_args=False),
             }
         )
         # Float sums synced with "sum": exact under DDP with uneven shards, unlike self.log(sync_dist=True), whose
         # mean floors an integer batch count (Lightning issue #21838).
-        self.mean_loss = MeanMetric()
+        self.mean_loss = WeightedMean()
         # Per-class accuracy / precision / recall and the confusion matrix: counts summed across ranks.
-        self.confusion = MulticlassConfusionMatrix(num_classes, validate_args=False)
+        self.confusion = ConfusionMatrix(num_classes)
 
     @staticmethod
     def _batch_mix(mixup_alpha: float, cutmix_alpha: float, num_classes: int) -> v2.Transform | None:
@@ -96,7 +98,7 @@ class ClassificationTask(TaskBase):
         if self.batch_mix is not None:
             images, labels = self.batch_mix(images, labels)
         logits = self(images)
-        if labels.ndim == 1 and self._trainer is not None:  # hard labels: the paper's training error curve
+        if labels.ndim == 1 and self.attached_trainer() is not None:  # hard labels: the paper's training error curve
             error = (logits.detach().argmax(dim=1) != labels).float().mean()
             self.log("train/error", error, batch_size=len(labels))
         return {"loss_cls": F.cross_entropy(logits, labels, label_smoothing=self.label_smoothing)}
@@ -105,70 +107,42 @@ class ClassificationTask(TaskBase):
         """Logits for validate/test/predict: with `--model.tta`, averaged over flips (and scales)."""
         return classification_logits(self, images, self.tta)
 
-    def _evaluate(self, batch: dict[str, Any], prefix: str) -> None:
-        logits = self.evaluation_logits(batch["image"])
+    # ------------------------------------------------------------------ evaluation
+    def evaluation_outputs(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.evaluation_logits(batch["image"]).detach()
+
+    def evaluation_update(self, stage: str, batch: dict[str, Any], logits: torch.Tensor) -> torch.Tensor:
+        """Loss, top-1/top-5 and the confusion matrix; the gallery ranks images by their cross-entropy."""
         labels = batch["label"]
-        size = self.batch_size_of(batch)
-        self.mean_loss.update(F.cross_entropy(logits, labels), weight=size)
-        self.log(f"{prefix}/loss", self.mean_loss, batch_size=size)
-        for name, metric in self.metrics.items():
+        self.mean_loss.update(F.cross_entropy(logits, labels), weight=self.batch_size_of(batch))
+        for metric in self.metrics.values():
             metric.update(logits, labels)
-            self.log(f"{prefix}/{name}", metric, batch_size=size, prog_bar=name == "top1")
         self.confusion.update(logits.argmax(dim=1), labels)
-        if self._trainer is None or self.trainer.is_global_zero:
-            self._offer_to_gallery(batch, logits.detach(), labels)
+        return F.cross_entropy(logits.float(), labels, reduction="none")
 
-    def _offer_to_gallery(self, batch: dict[str, Any], logits: torch.Tensor, labels: torch.Tensor) -> None:
-        """Keep the first images and the worst ones (highest cross-entropy) for the gallery."""
-        losses = F.cross_entropy(logits.float(), labels, reduction="none").tolist()
+    def gallery_item(self, batch: dict[str, Any], logits: torch.Tensor, index: int) -> GalleryItem:
+        """The image with its true class and the three most probable ones."""
         names = self.label_space.class_names
-        for i, loss in enumerate(losses):
-
-            def build(i: int = i) -> GalleryItem:
-                probs = logits[i].float().softmax(dim=0)
-                top = probs.topk(min(3, len(probs)))
-                return GalleryItem(
-                    title=str(batch["name"][i]) if "name" in batch else f"image {i}",
-                    image=image_array(batch["image"][i], normalized=True)[0],
-                    truth=names[int(labels[i])],
-                    top=[(names[int(k)], float(p)) for p, k in zip(top.values, top.indices)],
-                )
-
-            self.gallery.offer(loss, build)
-
-    def _finish_evaluation(self, prefix: str) -> None:
-        """Per-class accuracy (`acc/<class>`), precision and recall from the summed confusion matrix."""
-        confusion = self.confusion.compute().cpu()
-        self.confusion.reset()
-        table = confusion_table(confusion)
-        names = list(self.label_space.class_names)
-        columns = {
-            "acc": table["recall"].tolist(),
-            "precision": table["precision"].tolist(),
-            "recall": table["recall"].tolist(),
-            "support": table["support"].tolist(),
-        }
-        self.publish_summary(
-            prefix,
-            per_class_entries(names, {"acc": columns["acc"]}),
-            class_names=names,
-            per_class=columns,
-            main_column="acc",
-            confusion=confusion.numpy(),
-            confusion_names=names,
+        probs = logits[index].float().softmax(dim=0)
+        top = probs.topk(min(3, len(probs)))
+        return GalleryItem(
+            title=str(batch["name"][index]) if "name" in batch else f"image {index}",
+            image=image_array(batch["image"][index], normalized=True)[0],
+            truth=names[int(batch["label"][index])],
+            top=[(names[int(k)], float(p)) for p, k in zip(top.values, top.indices)],
         )
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "val")
-
-    def on_validation_epoch_end(self) -> None:
-        self._finish_evaluation("val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, "test")
-
-    def on_test_epoch_end(self) -> None:
-        self._finish_evaluation("test")
+    def evaluation_compute(self, stage: str) -> EvaluationResult:
+        """Loss, top-1, top-5; per-class accuracy (`acc/<class>`), precision and recall from the confusion matrix."""
+        metrics = {"loss": self.mean_loss.compute()}
+        metrics.update({name: metric.compute() for name, metric in self.metrics.items()})
+        confusion = self.confusion.compute()
+        for metric in (self.mean_loss, *self.metrics.values(), self.confusion):
+            metric.reset()
+        names = self.label_space.class_names
+        columns = {"acc": "recall", "precision": "precision", "recall": "recall", "support": "support"}
+        summary = confusion_summary(self.task_name, names, confusion, columns)
+        return EvaluationResult(metrics, per_class_entries(names, {"acc": summary.per_class["acc"]}), summary)
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         probs = self.evaluation_logits(batch["image"]).float().softmax(dim=1)

@@ -18,15 +18,11 @@ from torchvision.ops import FeaturePyramidNetwork, FrozenBatchNorm2d, MultiScale
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
 from resnet_tasks.errors import UserError
-from resnet_tasks.evaluation.detection import (
-    COCO_METRIC_NAMES,
-    DetectionConfusionMatrix,
-    VOCDetectionAP,
-    coco_map_metric,
-    per_class_ap,
-)
+from resnet_tasks.evaluation.confusion import DetectionConfusionMatrix
+from resnet_tasks.evaluation.detection import COCO_METRIC_NAMES, coco_map_metric, per_class_ap
 from resnet_tasks.evaluation.gallery import MAX_BOXES, GalleryItem, image_array
-from resnet_tasks.evaluation.summary import confusion_table, per_class_entries
+from resnet_tasks.evaluation.summary import EvaluationResult, EvaluationSummary, confusion_table, per_class_entries
+from resnet_tasks.evaluation.voc import VOCDetectionAP
 from resnet_tasks.labels import BACKGROUND, LabelSpace
 from resnet_tasks.tasks.base import TaskBase
 from resnet_tasks.tasks.optim import OptimizerConfig
@@ -214,6 +210,7 @@ class DetectionTask(TaskBase):
         self.category_names = {
             self.label_space.category_id(i): self.label_space.name(i) for i in range(self.num_classes)
         }
+        self._category_tables: dict[torch.device, Tensor] = {}
 
     # ----------------------------------------------------------------- TaskBase hooks
     def label_space_for_count(self, count: int) -> LabelSpace:
@@ -246,15 +243,40 @@ class DetectionTask(TaskBase):
         model_targets = [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets]
         return self.model(images, model_targets)
 
-    def _update_metrics(self, detections: list[dict[str, Tensor]], targets: list[dict[str, Any]]) -> list[float]:
-        """Feed both sides as dataset category ids (the model's label space may be its weights', not the data's)."""
+    def detect(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
+        """Detections for validate/test/predict: with `--model.tta flip`, the image's and its mirror's, merged by
+        class-wise NMS at the model's own threshold and capped at its detections per image."""
+        if self.tta == "none":
+            return self.model(images)
+        heads = self.model.roi_heads
+        return detection_flip(self.model, images, heads.nms_thresh, heads.detections_per_img)
+
+    def category_ids_of(self, labels: Tensor) -> Tensor:
+        """Model outputs -> the dataset's category ids, on the labels' device (the table is copied there once)."""
+        if self.label_space.category_ids is None:
+            return labels
+        table = self._category_tables.get(labels.device)
+        if table is None:
+            table = torch.tensor(self.label_space.category_ids, dtype=torch.int64, device=labels.device)
+            self._category_tables[labels.device] = table
+        return table[labels]
+
+    # ----------------------------------------------------------------- evaluation
+    def evaluation_outputs(self, batch: Any) -> list[dict[str, Tensor]]:
+        images, _ = batch
+        return self.detect(images)
+
+    def evaluation_update(self, stage: str, batch: Any, detections: list[dict[str, Tensor]]) -> Tensor:
+        """COCO (and VOC) AP and the confusion matrix, both sides as dataset category ids (the model's label space
+        may be its weights', not the data's); the gallery ranks images by their share of confusion errors."""
+        _, targets = batch
         preds, truths = [], []
         for detection, target in zip(detections, targets):
             preds.append(
                 {
                     "boxes": detection["boxes"].float(),
                     "scores": detection["scores"].float(),
-                    "labels": self.label_space.to_category_ids(detection["labels"]),
+                    "labels": self.category_ids_of(detection["labels"]),
                 }
             )
             # COCO-style numbers on VOC treat `difficult` objects as COCOeval's ignore (crowd) regions.
@@ -274,25 +296,11 @@ class DetectionTask(TaskBase):
         self.confusion_metric.update(preds, truths)
         return self.confusion_metric.last_image_errors
 
-    def detect(self, images: list[Tensor]) -> list[dict[str, Tensor]]:
-        """Detections for validate/test/predict: with `--model.tta flip`, the image's and its mirror's, merged by
-        class-wise NMS at the model's own threshold and capped at its detections per image."""
-        if self.tta == "none":
-            return self.model(images)
-        heads = self.model.roi_heads
-        return detection_flip(self.model, images, heads.nms_thresh, heads.detections_per_img)
-
-    def _evaluation_step(self, batch: Any) -> None:
-        images, targets = batch
-        detections = self.detect(images)
-        errors = self._update_metrics(detections, targets)
-        if self._trainer is None or self.trainer.is_global_zero:
-            for image, detection, target, error in zip(images, detections, targets, errors):
-                self.gallery.offer(error, lambda i=image, d=detection, t=target: self._gallery_item(i, d, t))
-
-    def _gallery_item(self, image: Tensor, detection: dict[str, Tensor], target: dict[str, Any]) -> GalleryItem:
+    def gallery_item(self, batch: Any, detections: list[dict[str, Tensor]], index: int) -> GalleryItem:
         """The image with its objects and the detections the confusion matrix counts (score threshold)."""
-        pixels, scale = image_array(image)
+        images, targets = batch
+        detection, target = detections[index], targets[index]
+        pixels, scale = image_array(images[index])
         keep = (detection["scores"] >= self.confusion_metric.score_threshold).nonzero().flatten()
         keep = keep[detection["scores"][keep].argsort(descending=True)[:MAX_BOXES]]
         truth_ids = target["category_ids"].tolist()
@@ -306,27 +314,23 @@ class DetectionTask(TaskBase):
             pred_scores=detection["scores"][keep].float().tolist(),
         )
 
-    def _log_metrics(self, prefix: str) -> None:
+    def evaluation_compute(self, stage: str) -> EvaluationResult:
+        """COCO's summary numbers (and VOC's), per-class APs (`ap/<class>`, `ap50/<class>`), the confusion matrix."""
         results = self.coco_metric.compute()
         values = {name: float(results[name]) for name in COCO_METRIC_NAMES}
         if self.evaluation_style == "voc":
             values.update({name: float(value) for name, value in self.voc_metric.compute().items()})
-        for name, value in values.items():
-            # -1 means "undefined" (e.g. no large objects at all): not logged, except the headline numbers.
-            if value >= 0 or name in ("map", "map_50", "map_75"):
-                self.log(f"{prefix}/{name}", value, batch_size=1, sync_dist=False)
-        confusion = self.confusion_metric.compute().cpu()
-        summary = self._summary(results, confusion)
-        self.coco_metric.reset()
-        self.voc_metric.reset()
-        self.confusion_metric.reset()
-        names, columns = summary["class_names"], summary["per_class"]
+        # -1 means "undefined" (e.g. no large objects at all): not logged, except the headline numbers.
+        metrics = {name: value for name, value in values.items() if value >= 0 or name in ("map", "map_50", "map_75")}
+        summary = self._summary(results, self.confusion_metric.compute().cpu())
+        for metric in (self.coco_metric, self.voc_metric, self.confusion_metric):
+            metric.reset()
+        names, columns = summary.class_names, summary.per_class
         published = [key for key in ("ap", "ap50", "voc07_ap50") if key in columns]
-        entries = per_class_entries(names, {key: columns[key] for key in published})
-        self.publish_summary(prefix, entries, **summary)
+        return EvaluationResult(metrics, per_class_entries(names, {key: columns[key] for key in published}), summary)
 
-    def _summary(self, results: dict[str, Any], confusion: Tensor) -> dict[str, Any]:
-        """The report's fields: per-class table (COCO AP, AP50, AP75 from the one COCO evaluation; VOC AP;
+    def _summary(self, results: dict[str, Any], confusion: Tensor) -> EvaluationSummary:
+        """The report's summary: per-class table (COCO AP, AP50, AP75 from the one COCO evaluation; VOC AP;
         precision, recall and object count at the confusion thresholds), confusion matrix and PR curves."""
         coco = per_class_ap(results, self.coco_metric.iou_thresholds)
         position = {category_id: k for k, category_id in enumerate(coco.category_ids)}
@@ -346,30 +350,27 @@ class DetectionTask(TaskBase):
         columns["precision"] = table["precision"][:-1].tolist()
         columns["recall"] = table["recall"][:-1].tolist()
         columns["objects"] = table["support"][:-1].tolist()
-        return {
-            "class_names": names,
-            "per_class": columns,
-            "main_column": "ap",
-            "confusion": confusion.numpy(),
-            "confusion_names": [*names, BACKGROUND],
-            "precision": coco.precision,
-            "precision_names": [self.category_names.get(i, str(i)) for i in coco.category_ids],
-            "iou_thresholds": [float(t) for t in self.coco_metric.iou_thresholds],
-            "recall_thresholds": [float(r) for r in self.coco_metric.rec_thresholds],
-        }
+        return EvaluationSummary(
+            task=self.task_name,
+            class_names=names,
+            per_class=columns,
+            main_column="ap",
+            confusion=confusion.numpy(),
+            confusion_names=[*names, BACKGROUND],
+            precision=coco.precision,
+            precision_names=[self.category_names.get(i, str(i)) for i in coco.category_ids],
+            iou_thresholds=[float(t) for t in self.coco_metric.iou_thresholds],
+            recall_thresholds=[float(r) for r in self.coco_metric.rec_thresholds],
+        )
 
-    def validation_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluation_step(batch)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics("val")
-
-    def test_step(self, batch: Any, batch_idx: int) -> None:
-        self._evaluation_step(batch)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics("test")
-
-    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Tensor]]:
-        images, _ = batch
-        return [{key: value.detach().cpu() for key, value in d.items()} for d in self.detect(images)]
+    def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> list[dict[str, Any]]:
+        """Per image: "boxes", "labels", "scores" (CPU tensors) and the image's "index" in the dataset, "image_key"
+        (its id in COCO results) and "file_name"."""
+        images, targets = batch
+        return [
+            {
+                **{key: value.detach().cpu() for key, value in detection.items()},
+                **{key: target[key] for key in ("index", "image_key", "file_name")},
+            }
+            for detection, target in zip(self.detect(images), targets)
+        ]

@@ -1,5 +1,6 @@
 """The non-finite step guard: a step whose loss is not finite on any rank is skipped on every rank, decided on the
-device (no host sync per step); its counts are read, reported and checked against the abort limit every few steps."""
+device (no host sync per step); its counts are read, reported and checked against the abort limit every few steps.
+`guarded_step` is the optimizer step that honours the decision."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from typing import Any
 
 import torch
 
+from resnet_tasks.compat import mark_momentum_prepared, momentum_prepared, optimizer_honours_found_inf
 from resnet_tasks.errors import UserError
 
 
@@ -121,7 +123,7 @@ def all_reduce_max(flags: torch.Tensor) -> torch.Tensor:
 def supports_found_inf(optimizer: Any) -> bool:
     """True for an optimizer whose step honours GradScaler's `found_inf` tensor (the fused implementations)."""
     defaults = getattr(optimizer, "defaults", {})
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False) and defaults.get("fused"))
+    return bool(optimizer_honours_found_inf(optimizer) and defaults.get("fused"))
 
 
 def prepare_momentum(optimizer: torch.optim.Optimizer) -> None:
@@ -129,9 +131,9 @@ def prepare_momentum(optimizer: torch.optim.Optimizer) -> None:
 
     With dampening 0 (ours), a zero buffer gives exactly the first step's `buf = grad`.
     """
-    if not isinstance(optimizer, torch.optim.SGD) or getattr(optimizer, "_momentum_prepared", False):
+    if not isinstance(optimizer, torch.optim.SGD) or momentum_prepared(optimizer):
         return
-    optimizer._momentum_prepared = True  # type: ignore[attr-defined]
+    mark_momentum_prepared(optimizer)
     for group in optimizer.param_groups:
         if not group.get("momentum") or group.get("dampening"):
             continue
@@ -139,3 +141,47 @@ def prepare_momentum(optimizer: torch.optim.Optimizer) -> None:
             state = optimizer.state[param]
             if state.get("momentum_buffer") is None:
                 state["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
+
+
+def guarded_step(
+    optimizer: Any,
+    closure: Any,
+    guard: StepGuard,
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None,
+) -> None:
+    """Lightning's optimizer step, except that a step the guard skips leaves weights and optimizer state as they are.
+
+    The closure (forward + backward) runs inside `optimizer.step` for some precision plugins and before it for
+    others, so the decision is taken in the innermost `step` call, after the closure (and DDP's gradient
+    all-reduce) has run. Fused optimizers skip on the device through GradScaler's `found_inf`; any other
+    optimizer reads the decision on the host (one sync per step). `reduce` is the max over ranks (None: one rank).
+    """
+    inner = getattr(optimizer, "optimizer", optimizer)
+    original_step = inner.step
+
+    def step_unless_skipped(closure: Any = None, **kwargs: Any) -> Any:
+        result = closure() if closure is not None else None
+        skip = guard.decide(reduce)
+        if not supports_found_inf(inner):
+            return result if bool(skip) else original_step(**kwargs)
+        prepare_momentum(inner)
+        scaler_found_inf = getattr(inner, "found_inf", None)  # set by GradScaler under 16-mixed
+        inner.found_inf = skip if scaler_found_inf is None else torch.maximum(scaler_found_inf, skip.float())
+        try:
+            original_step(**kwargs)
+        finally:
+            if scaler_found_inf is None:
+                del inner.found_inf
+            else:
+                inner.found_inf = scaler_found_inf
+        return result
+
+    patched_by_someone = "step" in vars(inner)  # e.g. an LR scheduler's step counter
+    inner.step = step_unless_skipped
+    try:
+        optimizer.step(closure=closure)
+    finally:
+        if patched_by_someone:
+            inner.step = original_step
+        else:
+            del inner.step

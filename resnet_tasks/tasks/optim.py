@@ -1,4 +1,5 @@
-"""Optimisation for every task: the `optimizer` and `scheduler` config groups, parameter groups and the LR schedule."""
+"""Optimisation for every task: the `optimizer` and `scheduler` config groups, the LR scaled to the global batch,
+parameter groups, and the optimizer with its LR schedule as `configure_optimizers` returns them."""
 
 from __future__ import annotations
 
@@ -8,6 +9,9 @@ from typing import Any, Literal
 
 import torch
 from torch import nn
+
+from resnet_tasks.compat import batch_norm_base, instance_norm_base
+from resnet_tasks.config import global_batch_size
 
 
 @dataclass
@@ -94,7 +98,7 @@ class ScheduleFactor:
 
 def is_no_decay(module: nn.Module, param_name: str) -> bool:
     """Normalisation parameters and biases: the ones the references exclude from weight decay."""
-    norm_types = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+    norm_types = (batch_norm_base(), nn.GroupNorm, nn.LayerNorm, instance_norm_base())
     return isinstance(module, norm_types) or param_name == "bias"
 
 
@@ -165,3 +169,57 @@ def build_scheduler(
         total, per_epoch = total_steps, steps_per_epoch
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, ScheduleFactor(config, total, per_epoch, base_lr))
     return {"scheduler": scheduler, "interval": config.interval}
+
+
+def steps_per_epoch(trainer: Any, total_steps: int, max_epochs: int) -> float:
+    """Optimizer steps in one training epoch (gradient accumulation included)."""
+    batches = trainer.num_training_batches
+    if isinstance(batches, (int, float)) and math.isfinite(batches) and batches > 0:
+        return max(1.0, batches / trainer.accumulate_grad_batches)
+    return total_steps / max_epochs
+
+
+def build_optimization(
+    groups: list[dict[str, Any]],
+    config: OptimizerConfig,
+    schedule: SchedulerConfig,
+    trainer: Any,
+    scale: float,
+) -> tuple[torch.optim.Optimizer, dict[str, Any], int]:
+    """The optimizer over `groups`, its `lr_scheduler` entry for Lightning and the run's total optimizer steps."""
+    optimizer = build_optimizer(groups, config, scale)
+    total_steps = int(trainer.estimated_stepping_batches)  # also sets up the train dataloader
+    max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
+    per_epoch = steps_per_epoch(trainer, total_steps, max_epochs)
+    scheduler = build_scheduler(optimizer, schedule, config.lr, total_steps, per_epoch, max_epochs)
+    return optimizer, scheduler, total_steps
+
+
+def optimisation_line(
+    groups: list[dict[str, Any]],
+    config: OptimizerConfig,
+    schedule: SchedulerConfig,
+    per_device: int | None,
+    trainer: Any,
+    total_steps: int,
+) -> str:
+    """What `fit` prints at its start: the global batch, the peak LR of each group, warmup and total steps."""
+    if per_device is None:
+        shown = "global batch unknown (no per-device batch size)"
+    else:
+        batch = global_batch_size(per_device, trainer.world_size, trainer.accumulate_grad_batches)
+        shown = (
+            f"global batch {batch} ({per_device} per device x {trainer.world_size} device(s) x "
+            f"{trainer.accumulate_grad_batches} accumulation)"
+        )
+    if config.scale_lr and config.base_batch_size is not None:
+        rule = f"lr {config.lr:g} at {config.base_batch_size}, {config.lr_scaling} scaling"
+    else:
+        rule = "lr as configured, not scaled"
+    # The peak LR of each group (the scheduler's warmup has already lowered `lr` itself).
+    lrs = ", ".join(f"{group['name']} {group.get('initial_lr', group['lr']):.4g}" for group in groups)
+    unit = "steps" if schedule.interval == "step" else "epochs"
+    return (
+        f"optimisation: {shown}; effective lr: {lrs} ({rule}); warmup {schedule.warmup_steps} {unit}; "
+        f"{total_steps} total steps"
+    )

@@ -9,11 +9,11 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.segmentation.fcn import FCNHead
 
-from resnet_tasks.data.common import read_image
+from resnet_tasks.data.io import read_image
 from resnet_tasks.errors import UserError
 from resnet_tasks.evaluation.gallery import GalleryItem, image_array, shrink_mask
 from resnet_tasks.evaluation.segmentation import SegmentationMetrics, class_map
-from resnet_tasks.evaluation.summary import confusion_table
+from resnet_tasks.evaluation.summary import EvaluationResult, confusion_summary
 from resnet_tasks.tasks.base import TaskBase
 from resnet_tasks.tasks.tta import segmentation_logits
 from resnet_tasks.writers import PredictionWriter
@@ -47,6 +47,12 @@ class FCN(nn.Module):
             aux = self.aux_classifier(features[self.aux_stage])
             result["aux"] = F.interpolate(aux, size=size, mode="bilinear", align_corners=False)
         return result
+
+
+def host_sizes(sizes: Any) -> list[tuple[int, int]]:
+    """Per-image (height, width) pairs as host integers, from a (N, 2) tensor or a sequence of pairs."""
+    rows = sizes.tolist() if isinstance(sizes, torch.Tensor) else sizes
+    return [(int(height), int(width)) for height, width in rows]
 
 
 def resize_logits_to(logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -145,6 +151,14 @@ class SegmentationTask(TaskBase):
         return losses
 
     # ------------------------------------------------------------------ evaluation and prediction
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Image sizes stay on the host (they set crops and resizes): tuples, before the batch moves to the device."""
+        if isinstance(batch, dict):
+            for key in ("size", "input_size"):
+                if isinstance(batch.get(key), torch.Tensor):
+                    batch[key] = host_sizes(batch[key])
+        return batch
+
     def predict_masks(self, batch: dict[str, Any]) -> list[torch.Tensor]:
         """Per-image class maps (H, W) at each image's original size.
 
@@ -152,82 +166,66 @@ class SegmentationTask(TaskBase):
         input region and resized bilinearly to its original size before the argmax.
         """
         logits = segmentation_logits(self, batch["image"], self.tta)
-        input_sizes = batch["input_size"].tolist()
-        sizes = batch["size"].tolist()
+        input_sizes, sizes = host_sizes(batch["input_size"]), host_sizes(batch["size"])
         padded = tuple(logits.shape[-2:])
-        if all(tuple(s) == padded for s in input_sizes) and all(s == sizes[0] for s in sizes):
-            return list(class_map(resize_logits_to(logits, tuple(sizes[0]))))
+        if all(s == padded for s in input_sizes) and all(s == sizes[0] for s in sizes):
+            return list(class_map(resize_logits_to(logits, sizes[0])))
         masks = []
         for i, ((in_h, in_w), (height, width)) in enumerate(zip(input_sizes, sizes)):
             one = logits[i : i + 1, :, :in_h, :in_w]
             masks.append(class_map(resize_logits_to(one, (height, width)))[0])
         return masks
 
-    def _evaluate(self, batch: dict[str, Any], metric: SegmentationMetrics) -> None:
-        predictions = self.predict_masks(batch)
-        target = batch["mask"]
-        # The gallery shows the original image, read again from its file (only for the few images it keeps).
-        keep = "path" in batch and (self._trainer is None or self.trainer.is_global_zero)
-        for i, (prediction, (height, width), truth) in enumerate(zip(predictions, batch["size"].tolist(), target)):
-            truth = truth[:height, :width]
-            metric.update(prediction, truth)
-            if keep:
-                valid = truth != self.ignore_index
-                error = float(((prediction != truth) & valid).sum()) / max(1, int(valid.sum()))
-                self.gallery.offer(error, lambda i=i, p=prediction, t=truth: self._gallery_item(batch, i, p, t))
+    def evaluation_outputs(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        return self.predict_masks(batch)
 
-    def _gallery_item(
-        self, batch: dict[str, Any], index: int, prediction: torch.Tensor, truth: torch.Tensor
-    ) -> GalleryItem:
+    def evaluation_update(
+        self, stage: str, batch: dict[str, Any], predictions: list[torch.Tensor]
+    ) -> torch.Tensor | None:
+        """The confusion matrix over each image's original pixels; the gallery ranks images by their share of wrong
+        labelled pixels (only where it can read the image's file again)."""
+        metric = self.test_metrics if stage == "test" else self.val_metrics
+        shown = "path" in batch
+        errors = []
+        for prediction, truth in zip(predictions, self.true_masks(batch)):
+            metric.update(prediction, truth)
+            if shown:
+                valid = truth != self.ignore_index
+                errors.append(((prediction != truth) & valid).sum().double() / valid.sum().clamp(min=1).double())
+        return torch.stack(errors) if errors else None
+
+    def true_masks(self, batch: dict[str, Any]) -> list[torch.Tensor]:
+        """Each image's labels at its original size (the batch pads them to a common size)."""
+        return [truth[:height, :width] for truth, (height, width) in zip(batch["mask"], host_sizes(batch["size"]))]
+
+    def gallery_item(self, batch: dict[str, Any], predictions: list[torch.Tensor], index: int) -> GalleryItem:
         """The original image (read again from its file) with the true and the predicted class maps."""
         pixels = torch.from_numpy(read_image(batch["path"][index])).permute(2, 0, 1).float() / 255.0
         image, _ = image_array(pixels)
+        truth = self.true_masks(batch)[index]
         return GalleryItem(
             title=str(batch["stem"][index]),
             image=image,
             truth_mask=shrink_mask(truth.to(torch.uint8).cpu().numpy()),
-            pred_mask=shrink_mask(prediction.to(torch.uint8).cpu().numpy()),
+            pred_mask=shrink_mask(predictions[index].to(torch.uint8).cpu().numpy()),
             mask_names=list(self.label_space.class_names),
         )
 
-    def _log_metrics(self, metric: SegmentationMetrics, prefix: str) -> None:
-        per_class = {}
+    def evaluation_compute(self, stage: str) -> EvaluationResult:
+        """Mean IoU and pixel accuracy; per-class IoU (`iou/<class>`), accuracy and precision from the confusion."""
+        metric = self.test_metrics if stage == "test" else self.val_metrics
+        metrics, entries = {}, {}
         for name, value in metric.compute().items():
             if name.startswith("iou/"):
-                per_class[name] = float(value)  # metrics.json and the report, not the loggers
+                entries[name] = float(value)
             else:
-                self.log(f"{prefix}/{name}", value, batch_size=1, prog_bar=name == "miou")
+                metrics[name] = value
         confusion = metric.last_confusion
         metric.reset()
-        table = confusion_table(confusion)
-        names = list(self.label_space.class_names)
-        columns = {
-            "iou": table["iou"].tolist(),
-            "acc": table["recall"].tolist(),
-            "precision": table["precision"].tolist(),
-            "pixels": table["support"].tolist(),
-        }
-        self.publish_summary(
-            prefix,
-            per_class,
-            class_names=names,
-            per_class=columns,
-            main_column="iou",
-            confusion=confusion.numpy(),
-            confusion_names=names,
+        columns = {"iou": "iou", "acc": "recall", "precision": "precision", "pixels": "support"}
+        return EvaluationResult(
+            metrics, entries, confusion_summary(self.task_name, self.label_space.class_names, confusion, columns)
         )
-
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.val_metrics)
-
-    def on_validation_epoch_end(self) -> None:
-        self._log_metrics(self.val_metrics, "val")
-
-    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        self._evaluate(batch, self.test_metrics)
-
-    def on_test_epoch_end(self) -> None:
-        self._log_metrics(self.test_metrics, "test")
 
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """{"stem", "path": lists of str; "mask": list of (H, W) uint8 CPU tensors at original size}."""

@@ -1,7 +1,7 @@
 """Prediction writers: Lightning callbacks that stream `predict` outputs to files in the run's log directory.
 
-Each task names its writer (`TaskBase.writer_class`); the CLI adds it to `predict`. A writer reads the class
-names and category ids from the task's label space, nothing else.
+Each task names its writer (`TaskBase.writer_class`); the CLI adds it to `predict`. A writer takes file names and
+image ids from the predictions, and class names and category ids from the task's label space.
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ class PredictionWriter(BasePredictionWriter):
         self.label_space = label_space
 
     def write_batch(self, outputs: Any, batch: Any) -> None:
-        """Take one predict batch's outputs (the task's `predict_step` result) and its input batch."""
+        """Take one predict batch's outputs (the task's `predict_step` result, which names each image it predicts) and
+        its input batch (only for pixels to draw on)."""
         raise NotImplementedError(f"{type(self).__name__} must implement write_batch()")
 
     def finish(self, trainer: L.Trainer) -> list[Path]:

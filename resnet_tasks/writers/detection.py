@@ -27,9 +27,7 @@ def box_colour(label: int) -> tuple[int, int, int]:
     return BOX_COLOURS[(int(label) - 1) % len(BOX_COLOURS)]
 
 
-def to_coco_results(
-    detections: dict[str, torch.Tensor], image_id: int | str, label_space: LabelSpace
-) -> list[dict[str, Any]]:
+def to_coco_results(detections: dict[str, Any], image_id: int | str, label_space: LabelSpace) -> list[dict[str, Any]]:
     """One image's detections as COCO results: XYXY -> XYWH (pixels), label -> the dataset's category id."""
     boxes = detections["boxes"].detach().cpu().double().reshape(-1, 4)
     labels = detections["labels"].detach().cpu().tolist()
@@ -51,7 +49,8 @@ def to_coco_results(
 class DetectionWriter(PredictionWriter):
     """Collects COCO results per image (in dataset order) and draws boxes on the first `picture_count` images.
 
-    `image_id` is the dataset's image id (COCO), or the file stem (VOC, a predict folder). Pictures show
+    Each prediction names its image (`index` in the dataset, `image_key`, `file_name`): `image_id` is the dataset's
+    image id (COCO), or the file stem (VOC, a predict folder). Pictures show
     detections scoring at least `picture_score_threshold` (at most `picture_max_boxes`), labelled
     "<class name> <score>" in one colour per class, saved as `pictures/<stem>.jpg`.
     """
@@ -67,15 +66,17 @@ class DetectionWriter(PredictionWriter):
         self.results: list[tuple[int, list[dict[str, Any]]]] = []
         self.pictures: list[Path] = []
 
-    def write_batch(self, outputs: list[dict[str, torch.Tensor]], batch: Any) -> None:
-        images, targets = batch
-        for image, target, detections in zip(images, targets, outputs):
-            index = int(target["index"])
-            self.results.append((index, to_coco_results(detections, target["image_key"], self.label_space)))
+    def write_batch(self, outputs: list[dict[str, Any]], batch: Any) -> None:
+        """`outputs`: the task's per-image predictions, each with its dataset `index`, `image_key` and `file_name`;
+        the pictures are drawn on the batch's images (`batch[0]`, pixels in [0, 1])."""
+        images = batch[0]
+        for image, detections in zip(images, outputs):
+            index = int(detections["index"])
+            self.results.append((index, to_coco_results(detections, detections["image_key"], self.label_space)))
             if index < self.picture_count:
-                self.pictures.append(self.draw(image, detections, Path(str(target["file_name"])).stem))
+                self.pictures.append(self.draw(image, detections, Path(str(detections["file_name"])).stem))
 
-    def draw(self, image: torch.Tensor, detections: dict[str, torch.Tensor], stem: str) -> Path:
+    def draw(self, image: torch.Tensor, detections: dict[str, Any], stem: str) -> Path:
         pixels = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8)
         keep = detections["scores"] >= self.picture_score_threshold
         boxes = detections["boxes"][keep][: self.picture_max_boxes].float()

@@ -11,8 +11,9 @@ import torch
 from PIL import Image
 from torchvision.utils import draw_segmentation_masks
 
-from resnet_tasks.data.common import distributed_rank_and_size, read_image
+from resnet_tasks.data.io import read_image
 from resnet_tasks.data.masks import VOC_PALETTE, save_palette_mask
+from resnet_tasks.data.sampling import distributed_rank_and_size
 from resnet_tasks.labels import IGNORE_INDEX, LabelSpace
 from resnet_tasks.writers import PredictionWriter, gather_objects
 

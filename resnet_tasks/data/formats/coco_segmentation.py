@@ -8,36 +8,24 @@ annotations' `area` fields sum to more than 1000; evaluation keeps every image.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import albumentations as A
 import numpy as np
-import torch
 from PIL import Image
 from pycocotools import mask as mask_utils
 from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
 
-from resnet_tasks.data.coco import COCO_LAYOUT, coco_categories, read_json
-from resnet_tasks.data.common import (
-    UnreadableImageError,
-    item_and_seed,
-    list_images,
-    read_image,
-)
-from resnet_tasks.data.transforms import IMAGENET_MEAN, IMAGENET_STD, to_tensor
-from resnet_tasks.data.voc_segmentation import (
-    VOC_SEGMENTATION_CLASSES,
-    SegmentationDataModule,
-    SegmentationDataset,
-    segmentation_eval_transform,
-    segmentation_train_transform,
-    training_item,
-)
+from resnet_tasks.data.formats.coco_files import COCO_LAYOUT, coco_categories, read_json
+from resnet_tasks.data.formats.voc_segmentation import VOC_SEGMENTATION_CLASSES
+from resnet_tasks.data.io import UnreadableImageError, image_size_hw, read_image
+from resnet_tasks.data.sampling import item_and_seed
+from resnet_tasks.data.segmentation import SegmentationDataModule, evaluation_item, training_item
+from resnet_tasks.data.transforms import segmentation_eval_transform, segmentation_train_transform
 from resnet_tasks.errors import UserError
 from resnet_tasks.labels import BACKGROUND, IGNORE_INDEX, LabelSpace
 
@@ -293,19 +281,30 @@ class CocoSegmentationDataset(Dataset):
     def __len__(self) -> int:
         return len(self.annotations)
 
+    def _check_size(self, index: int, found: tuple[int, int]) -> None:
+        """Skipped and counted in training, evaluation stops: an image whose size is not the annotated one."""
+        height, width = self.annotations.size(index)
+        if tuple(found) != (height, width):
+            raise UnreadableImageError(
+                f"Image {self.annotations.path(index)} is {found[1]}x{found[0]} (WxH) but {self.annotations.source} "
+                f"says {width}x{height}; its masks would not fit. Replace the file with the dataset's original (an "
+                "EXIF rotation or a re-encoded image changes the size)."
+            )
+
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The image and its label map (same size)."""
-        path = self.annotations.path(index)
-        image = read_image(path)
-        height, width = self.annotations.size(index)
-        if image.shape[:2] != (height, width):
-            # Skipped and counted in training; evaluation stops with this message.
-            raise UnreadableImageError(
-                f"Image {path} decodes to {image.shape[1]}x{image.shape[0]} (WxH) but {self.annotations.source} "
-                f"says {width}x{height}; its masks would not fit. Replace the file with the dataset's original "
-                "(an EXIF rotation or a re-encoded image changes the size)."
-            )
+        image = read_image(self.annotations.path(index))
+        self._check_size(index, image.shape[:2])
         return image, self.annotations.mask(index)
+
+    def read_mask(self, index: int) -> np.ndarray:
+        """The label map of item `index` from its annotations, without decoding the image (size from its header)."""
+        self._check_size(index, image_size_hw(self.annotations.path(index)))
+        return self.annotations.mask(index)
+
+    def image_sizes(self) -> list[tuple[int, int]]:
+        """(height, width) of every image, from the annotation file (COCO lists them)."""
+        return [self.annotations.size(i) for i in range(len(self.annotations))]
 
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
         index, seed = item_and_seed(item)
@@ -314,16 +313,7 @@ class CocoSegmentationDataset(Dataset):
             return training_item(self.transform, image, mask, seed)
         if self.resize_to is not None:
             image, mask = torchvision_eval_resize(image, mask, self.resize_to)
-        network_input = self.transform(image=image)["image"]
-        path = self.annotations.path(index)
-        return {
-            "image": to_tensor(network_input),
-            "size": image.shape[:2],
-            "input_size": network_input.shape[:2],
-            "stem": Path(path).stem,
-            "path": path,
-            "mask": torch.from_numpy(np.ascontiguousarray(mask)),
-        }
+        return evaluation_item(self.transform, image, mask, self.annotations.path(index))
 
 
 # ---------------------------------------------------------------------------------------------- data module
@@ -344,40 +334,24 @@ class CocoSegmentationDataModule(SegmentationDataModule):
     def __init__(
         self,
         batch_size: int = 4,
+        eval_protocol: Literal["original", "torchvision"] = "original",
         train_split: str = "train2017",
         val_split: str = "val2017",
         test_split: str = "val2017",
-        crop_size: int = 480,
-        scale_range: tuple[float, float] = (0.5, 2.0),
         base_size: int | None = 520,
-        hflip: bool = True,
-        eval_size: int | None = 520,
-        eval_protocol: Literal["original", "torchvision"] = "original",
         train_min_area: float = TORCHVISION_MIN_TRAIN_AREA,
-        mean: tuple[float, float, float] = IMAGENET_MEAN,
-        std: tuple[float, float, float] = IMAGENET_STD,
         **kwargs: Any,
     ) -> None:
         super().__init__(batch_size=batch_size, **kwargs)
         if eval_protocol not in ("original", "torchvision"):
             raise UserError(f"--data.eval_protocol must be 'original' or 'torchvision', got {eval_protocol!r}.")
-        self.train_split = train_split
-        self.val_split = val_split
-        self.test_split = test_split
-        self.crop_size = crop_size
-        self.scale_range = (float(scale_range[0]), float(scale_range[1]))
-        self.base_size = base_size
-        self.hflip = hflip
-        self.eval_size = eval_size
-        self.eval_protocol = eval_protocol
+        self.train_split, self.val_split, self.test_split = train_split, val_split, test_split
+        self.base_size, self.eval_protocol = base_size, eval_protocol
         self.train_min_area = float(train_min_area)
-        self.mean = tuple(mean)
-        self.std = tuple(std)
         if self.predict_path is None or self.root is not None:
             # (Predicting on a folder of images alone, the label space is the model's: its weights or checkpoint.)
             self.label_space = LabelSpace(VOC_SEGMENTATION_CLASSES, background=True, ignore_index=IGNORE_INDEX)
         self._annotations: dict[tuple[str, bool], SemanticAnnotations] = {}
-        self.datasets: dict[str, Dataset] = {}
 
     # ------------------------------------------------------------------ layout
     def annotations(self, split: str, train: bool) -> SemanticAnnotations:
@@ -398,43 +372,28 @@ class CocoSegmentationDataModule(SegmentationDataModule):
             self._annotations[key] = parsed
         return self._annotations[key]
 
-    # ------------------------------------------------------------------ datasets and loaders
+    # ------------------------------------------------------------------ datasets
     def train_transform(self) -> A.Compose:
         return segmentation_train_transform(
             self.crop_size, self.scale_range, self.hflip, self.mean, self.std, base_size=self.base_size
         )
 
-    def eval_transform(self, protocol: str) -> A.Compose:
-        """Normalisation only under the torchvision protocol (the dataset resized already)."""
-        return segmentation_eval_transform(None if protocol == "torchvision" else self.eval_size, self.mean, self.std)
-
     def _eval_dataset(self, split: str, protocol: str) -> CocoSegmentationDataset:
-        resize_to = self.eval_size if protocol == "torchvision" else None
-        return CocoSegmentationDataset(
-            self.annotations(split, train=False), self.eval_transform(protocol), train=False, resize_to=resize_to
-        )
+        """Under the torchvision protocol the dataset resizes image and mask, and the transform only normalises."""
+        if protocol == "torchvision":
+            transform, resize_to = segmentation_eval_transform(None, self.mean, self.std), self.eval_size
+        else:
+            transform, resize_to = self.eval_transform(), None
+        annotations = self.annotations(split, train=False)
+        return CocoSegmentationDataset(annotations, transform, train=False, resize_to=resize_to)
 
-    def dataset(self, key: str) -> Dataset:
-        if key not in self.datasets:
-            if key == "train":
-                annotations = self.annotations(self.train_split, train=True)
-                self.datasets[key] = CocoSegmentationDataset(annotations, self.train_transform(), train=True)
-            elif key == "val":
-                self.datasets[key] = self._eval_dataset(self.val_split, self.eval_protocol)
-            elif key == "test":
-                same = self.test_split == self.val_split
-                dataset = self.dataset("val") if same else self._eval_dataset(self.test_split, self.eval_protocol)
-                self.datasets[key] = dataset
-            elif self.predict_path is not None:
-                files = list_images(self.predict_path)
-                transform = self.eval_transform("original")
-                self.datasets[key] = SegmentationDataset(files, None, transform, train=False, num_classes=None)
-            else:
-                self.datasets[key] = self._eval_dataset(self.val_split, "original")  # masks at the original size
-        return self.datasets[key]
-
-    def image_sizes(self, dataset: Dataset) -> Sequence[tuple[int, int]]:
-        """Sizes from the annotation file (COCO lists them), or the file headers for a folder of images."""
-        if isinstance(dataset, CocoSegmentationDataset):
-            return [dataset.annotations.size(i) for i in range(len(dataset.annotations))]
-        return super().image_sizes(dataset)
+    def split_dataset(self, key: str) -> Dataset:
+        """The splits' images; `predict` (without `predict_path`) writes masks of the val split at their original
+        size, whatever the protocol."""
+        if key == "train":
+            annotations = self.annotations(self.train_split, train=True)
+            return CocoSegmentationDataset(annotations, self.train_transform(), train=True)
+        if key == "test" and self.test_split == self.val_split:
+            return self.dataset("val")
+        split = {"val": self.val_split, "test": self.test_split, "predict": self.val_split}[key]
+        return self._eval_dataset(split, "original" if key == "predict" else self.eval_protocol)

@@ -1,0 +1,1 @@
+"""Dataset formats: each module parses one format and holds the data modules that read it."""
