@@ -23,7 +23,14 @@ from lightning.pytorch.plugins.io import CheckpointIO
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from resnet_tasks.argument_parser import StrictArgumentParser
-from resnet_tasks.callbacks import InterruptCheckpoint, LastCheckpoint, find_resume_checkpoint, requeued_slurm_job
+from resnet_tasks.callbacks import (
+    InterruptCheckpoint,
+    LastCheckpoint,
+    RNGState,
+    SkipReport,
+    find_resume_checkpoint,
+    requeued_slurm_job,
+)
 from resnet_tasks.checkpoint_io import AtomicCheckpointIO, read_checkpoint
 from resnet_tasks.compat import CheckpointHyperparametersHook, parser_has_argument
 from resnet_tasks.config import QUICKSTART_HINT, run_dir
@@ -113,6 +120,14 @@ class ResNetTasksCLI(CheckpointHyperparametersHook, LightningCLI):
         space = getattr(datamodule, "label_space", None)
         return space if space is not None else self.checkpoint_label_space
 
+    def instantiate_classes(self) -> None:
+        # `fit` (or no subcommand: the caller runs the Trainer) builds the model for the data's classes when
+        # whole-model weights were made for others (new class layers); validate / test / predict keep the weights'.
+        from resnet_tasks.tasks.weights import built_for_fit
+
+        with built_for_fit(self.subcommand in ("fit", None)):
+            super().instantiate_classes()
+
     def config_value(self, key: str, default: Any = None) -> Any:
         """A value of the instantiated config (the subcommand's part of it)."""
         config = self.config_init.get(str(self.subcommand), self.config_init)
@@ -190,6 +205,8 @@ class ResNetTasksCLI(CheckpointHyperparametersHook, LightningCLI):
         if config.get("enable_progress_bar", True) is not False:
             if not any(isinstance(c, (RichProgressBar, TQDMProgressBar)) for c in callbacks):
                 callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=50))
+        # RNG streams in checkpoints (exact resume) and the per-epoch report of skipped unreadable images
+        callbacks += [cls() for cls in (RNGState, SkipReport) if not any(isinstance(c, cls) for c in callbacks)]
         if self.subcommand in ("fit", None) and not any(isinstance(c, InterruptCheckpoint) for c in callbacks):
             callbacks.append(InterruptCheckpoint())
         if enable_checkpointing and not any(isinstance(c, LastCheckpoint) for c in callbacks):

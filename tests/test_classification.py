@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from resnet_tasks.data.classification import ImageFolderDataModule
 from resnet_tasks.data.formats.cifar import CIFARDataModule
 from resnet_tasks.errors import UserError
 from tests.conftest import COMMON_TRAINER_ARGS, printed_path, read_metrics
+from tests.conftest import write_cifar10 as _write_cifar10
 
 IMAGENET_CONFIG = "configs/classification/imagenet_resnet50.yaml"
 SMALL_DATA = ["--data.crop_size", "32", "--data.resize_size", "36", "--data.num_workers", "0",
@@ -137,24 +137,6 @@ def test_parity_with_torchvision_resnet18_top5(run_cli, tmp_path: Path, monkeypa
         assert [row[f"top{i}_class"] for i in range(1, 6)] == [categories[j] for j in top.indices.tolist()]
         ours = [float(row[f"top{i}_prob"]) for i in range(1, 6)]
         assert ours == pytest.approx(top.values.tolist(), abs=1e-4)
-
-
-def _write_cifar10(root: Path, train: int = 60, test: int = 20) -> Path:
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    per_batch = train // 5
-    for i in range(1, 6):
-        batch = {"data": rng.integers(0, 255, (per_batch, 3072), dtype=np.uint8),
-                 "labels": rng.integers(0, 10, per_batch).tolist()}  # fmt: skip
-        with open(folder / f"data_batch_{i}", "wb") as handle:
-            pickle.dump(batch, handle)
-    with open(folder / "test_batch", "wb") as handle:
-        pickle.dump({"data": rng.integers(0, 255, (test, 3072), dtype=np.uint8),
-                     "labels": rng.integers(0, 10, test).tolist()}, handle)  # fmt: skip
-    with open(folder / "batches.meta", "wb") as handle:
-        pickle.dump({"label_names": [f"class{i}" for i in range(10)]}, handle)
-    return root
 
 
 def test_cifar_split_and_transforms(tmp_path: Path) -> None:

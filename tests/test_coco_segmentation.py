@@ -11,7 +11,6 @@ import pytest
 import torch
 import torchvision
 from PIL import Image
-from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms import functional as TF
@@ -21,80 +20,11 @@ from resnet_tasks.data.formats.coco_segmentation import COCO_VOC_CATEGORY_IDS, C
 from resnet_tasks.errors import UserError
 from resnet_tasks.labels import IGNORE_INDEX
 from resnet_tasks.tasks.segmentation import SegmentationTask
-from tests.conftest import COMMON_TRAINER_ARGS, read_metrics
+from tests.conftest import COMMON_TRAINER_ARGS, make_tiny_coco_segmentation, read_metrics
 
 # torchvision's references/segmentation/coco_utils.py CAT_LIST: index = VOC class, value = COCO category id.
 TORCHVISION_CAT_LIST = [0, 5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72]
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-CATEGORIES = [
-    {"id": 1, "name": "person"}, {"id": 3, "name": "car"}, {"id": 11, "name": "fire hydrant"},
-    {"id": 18, "name": "dog"}, {"id": 19, "name": "horse"}, {"id": 20, "name": "sheep"}, {"id": 21, "name": "cow"},
-    {"id": 44, "name": "bottle"}, {"id": 88, "name": "teddy bear"},
-]  # fmt: skip
-
-
-def box(x0: float, y0: float, x1: float, y1: float) -> list[list[float]]:
-    return [[x0, y0, x1, y0, x1, y1, x0, y1]]
-
-
-def rle_of(height: int, width: int, rows: slice, cols: slice, compressed: bool) -> dict:
-    """An RLE of a rectangle: COCO's crowd form (uncompressed `counts` list) or a compressed string."""
-    mask = np.zeros((height, width), dtype=np.uint8, order="F")
-    mask[rows, cols] = 1
-    if compressed:
-        rle = mask_utils.encode(mask)
-        return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
-    flat = mask.flatten(order="F")
-    changes = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.concatenate([[0], changes, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat[0] == 1:
-        counts = [0, *counts]
-    return {"size": [height, width], "counts": counts}
-
-
-# Per image: (file stem, height, width, [(category id, segmentation, iscrowd, area field)]).
-def scenes() -> list[tuple[str, int, int, list[tuple[int, object, int, float]]]]:
-    return [
-        ("overlaps", 40, 56, [
-            (1, box(4, 4, 24, 24), 0, 400.0),                       # person
-            (1, box(18, 2, 28, 12), 0, 100.0),                      # a second person over the first: 255
-            (3, box(16, 10, 36, 30), 0, 400.0),                     # car over the person: 255
-            (18, rle_of(40, 56, slice(5, 20), slice(40, 52), compressed=True), 0, 180.0),  # dog, compressed RLE
-            (11, box(36, 8, 50, 16), 0, 112.0),                     # fire hydrant (not VOC) over the dog: dropped
-            (1, rle_of(40, 56, slice(28, 38), slice(2, 14), compressed=False), 1, 120.0),  # crowd of people
-            (44, [[10, 30, 20, 30, 15, 38], [22, 30, 30, 30, 26, 39.5]], 0, 75.0),  # bottle in two parts
-            (44, box(12.5, 33.2, 16.7, 39.0), 0, 24.0),             # bottle over the crowd: 255
-        ]),
-        ("empty", 48, 40, []),
-        ("only_other", 48, 40, [(88, box(2, 2, 38, 46), 0, 1584.0)]),          # teddy bear only: background
-        ("at_threshold", 40, 56, [(21, box(5.5, 5.5, 45.5, 30.5), 0, 1000.0)]),  # cow, area exactly 1000
-        ("crowd_counts", 40, 56, [
-            (19, box(2, 2, 30, 27), 0, 700.0),                      # horse
-            (20, rle_of(40, 56, slice(20, 40), slice(28, 48), compressed=False), 1, 400.0),  # crowd of sheep
-        ]),
-    ]  # fmt: skip
-
-
-def make_tiny_coco_segmentation(root: Path, splits: tuple[str, ...] = ("train2017", "val2017"), seed: int = 0) -> Path:
-    """COCO layout with VOC and non-VOC categories, polygons, both RLE forms, overlaps, crowd and empty images."""
-    rng = np.random.default_rng(seed)
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    for split in splits:
-        (root / split).mkdir(exist_ok=True)
-        images, annotations = [], []
-        for image_id, (stem, height, width, objects) in enumerate(scenes(), start=1):
-            pixels = (rng.random((height, width, 3)) * 200 + 20).astype(np.uint8)
-            Image.fromarray(pixels).save(root / split / f"{stem}.jpg", quality=92)
-            images.append({"id": image_id, "file_name": f"{stem}.jpg", "height": height, "width": width})
-            for category_id, segmentation, crowd, area in objects:
-                annotations.append({
-                    "id": len(annotations) + 1, "image_id": image_id, "category_id": category_id,
-                    "segmentation": segmentation, "iscrowd": crowd, "area": area, "bbox": [0, 0, 1, 1],
-                })  # fmt: skip
-        data = {"images": images, "annotations": annotations, "categories": CATEGORIES}
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data))
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -24,11 +24,13 @@ from resnet_tasks.data.formats.coco import CocoDetectionDataModule, ShapesDetect
 from resnet_tasks.data.formats.coco_segmentation import CocoSegmentationDataModule
 from resnet_tasks.data.formats.voc import VOCDetectionDataModule
 from resnet_tasks.data.formats.voc_segmentation import ShapesSegmentationDataModule, VOCSegmentationDataModule
-from tests.test_classification import _write_cifar10
-from tests.test_coco_segmentation import make_tiny_coco_segmentation
-from tests.test_detection_data import make_tiny_coco
-from tests.test_detection_data import make_tiny_voc as make_detection_voc
-from tests.test_segmentation_data import make_tiny_voc as make_segmentation_voc
+from tests.conftest import (
+    make_detection_voc,
+    make_segmentation_voc,
+    make_tiny_coco,
+    make_tiny_coco_segmentation,
+    write_cifar10,
+)
 
 # Keys whose value lives elsewhere than an attribute of the same name.
 NOT_ATTRIBUTES = {"class_names"}  # -> label_space
@@ -46,7 +48,7 @@ def roots(tmp_path_factory: pytest.TempPathFactory, image_folder: Path) -> dict[
         VOCSegmentationDataModule: {"root": str(make_segmentation_voc(base / "voc_segmentation"))},
         ImageFolderDataModule: {"root": str(image_folder)},
         ImageNetDataModule: {"root": str(image_folder)},
-        CIFARDataModule: {"root": str(_write_cifar10(base / "cifar"))},
+        CIFARDataModule: {"root": str(write_cifar10(base / "cifar"))},
         CocoSegmentationDataModule: {"root": str(make_tiny_coco_segmentation(base / "coco_segmentation"))},
     }
 

@@ -13,10 +13,10 @@ from PIL import Image
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from tests.conftest import COMMON_TRAINER_ARGS, printed_path, read_metrics
-from tests.test_detection_data import make_tiny_coco
+from tests.conftest import ALL_BOXES, COMMON_TRAINER_ARGS, make_tiny_coco, printed_path, read_metrics
+from tests.conftest import DETECTION_QUICKSTART as QUICKSTART
+from tests.conftest import SMALL_DETECTOR as SMALL
 
-QUICKSTART = "configs/quickstart/detection.yaml"
 # Clean annotations (no degenerate boxes, which we drop and COCOeval would keep), with a crowd region and an
 # image without objects; large objects so that even an untrained detector finds a few.
 CLEAN_COCO = {
@@ -41,13 +41,8 @@ CLEAN_COCO = {
         ],
     ],
 }
-SMALL = ["--data.batch_size", "2", "--data.num_workers", "0", "--model.min_size", "64", "--model.max_size", "96",
-         "--model.anchor_sizes", "[[8], [16], [32], [64], [128]]", "--model.rpn_pre_nms_top_n_test", "200",
-         "--model.rpn_post_nms_top_n_test", "100"]  # fmt: skip
-# An untrained detector scores every class low: keep all its boxes, and make them large (anchors are not
-# weights: the 2-step checkpoint loads with other sizes), so that they hit the image-sized objects and the
-# comparison below is not one of two zeros.
-ALL_BOXES = ["--model.box_score_thresh", "0.0"]
+# Large anchors (not weights: the 2-step checkpoint loads with other sizes), so that the boxes hit the image-sized
+# objects and the comparison below is not one of two zeros.
 LARGE_BOXES = ["--model.anchor_sizes", "[[48], [64], [96], [128], [160]]"]
 
 

@@ -10,70 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from resnet_tasks.data.detection import DetectionAnnotations, detection_collate
 from resnet_tasks.data.formats.coco import CocoDetectionDataModule
 from resnet_tasks.data.formats.voc import VOCDetectionDataModule, parse_split
 from resnet_tasks.data.sampling import AspectRatioBatchSampler, TrainSampler, aspect_ratio_groups
 from resnet_tasks.errors import UserError
-
-CATEGORIES = [{"id": 9, "name": "bird"}, {"id": 2, "name": "cat"}, {"id": 5, "name": "dog"}]  # unsorted, gaps
-
-
-def _draw(size: tuple[int, int], boxes: list[list[float]], seed: int) -> np.ndarray:
-    """Noise background with one bright filled rectangle per XYWH box (so a detector has something to see)."""
-    height, width = size
-    rng = np.random.default_rng(seed)
-    image = (rng.random((height, width, 3)) * 60).astype(np.uint8)
-    for i, (x, y, w, h) in enumerate(boxes):
-        x0, y0 = max(0, int(x)), max(0, int(y))
-        x1, y1 = min(width, int(x + w)), min(height, int(y + h))
-        image[y0:y1, x0:x1] = (200, 80 + 60 * (i % 3), 40)
-    return image
-
-
-# Per split: (file stem, (height, width), [(category id, XYWH box, iscrowd, area or None)]).
-TINY_COCO: dict[str, list[tuple[str, tuple[int, int], list[tuple[int, list[float], int, float | None]]]]] = {
-    "train2017": [
-        ("t0", (64, 80), [(2, [4, 6, 30, 24], 0, None), (5, [40, 30, 28, 30], 0, None)]),
-        ("t1", (80, 64), [(9, [10, 10, 40, 50], 0, None), (2, [0, 0, 64, 80], 1, 3000.0)]),  # + a crowd region
-        ("t2", (64, 80), [(5, [20, 12, 36, 40], 0, None), (9, [70, 10, 0, 20], 0, None)]),  # + zero width
-        ("t3", (64, 64), []),  # no objects
-        ("t4", (64, 80), [(2, [60, 40, 40, 40], 0, None)]),  # extends past the border: clipped to 20 x 24
-        ("t5", (80, 64), [(9, [8, 30, 44, 30], 0, None), (5, [2, 2, 20, 20], 0, None)]),
-    ],
-    "val2017": [
-        ("v0", (64, 80), [(2, [6, 8, 28, 22], 0, 500.0), (5, [42, 28, 30, 30], 0, None)]),
-        ("v1", (80, 64), [(9, [10, 12, 38, 48], 0, None), (2, [30, 50, 30, 28], 1, 700.0)]),  # crowd kept
-        ("v2", (64, 64), []),  # no objects
-        ("v3", (64, 80), [(5, [18, 10, 40, 42], 0, None), (2, [-5, -5, 3, 3], 0, None)]),  # dropped: no area inside
-    ],
-}
-
-
-def make_tiny_coco(root: Path, splits: dict | None = None) -> Path:
-    """A COCO-layout dataset with non-contiguous, unsorted category ids, crowd, empty and degenerate boxes."""
-    splits = splits or TINY_COCO
-    (root / "annotations").mkdir(parents=True, exist_ok=True)
-    image_id, annotation_id = 100, 1
-    for split, entries in splits.items():
-        (root / split).mkdir(parents=True, exist_ok=True)
-        images, annotations = [], []
-        for stem, (height, width), objects in entries:
-            image_id += 3  # non-contiguous image ids too
-            Image.fromarray(_draw((height, width), [o[1] for o in objects if not o[2]], image_id)).save(
-                root / split / f"{stem}.jpg", quality=95
-            )
-            images.append({"id": image_id, "file_name": f"{stem}.jpg", "height": height, "width": width})
-            for category_id, box, crowd, area in objects:
-                entry = {"id": annotation_id, "image_id": image_id, "category_id": category_id, "bbox": box,
-                         "iscrowd": crowd, "area": area if area is not None else box[2] * box[3]}  # fmt: skip
-                annotations.append(entry)
-                annotation_id += 1
-        data = {"images": images, "annotations": annotations, "categories": CATEGORIES}
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(data, indent=1))
-    return root
+from tests.conftest import make_detection_voc as make_tiny_voc
+from tests.conftest import make_tiny_coco
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +147,7 @@ def test_train_loader_batches_and_collates(tiny_coco: Path) -> None:
 
 def test_missing_annotation_file_names_it_and_shows_the_layout(tmp_path: Path) -> None:
     (tmp_path / "annotations").mkdir()
-    with pytest.raises(UserError, match=r"No COCO dataset found(.|\n)*instances_val2017\.json(.|\n)*Roboflow(.|\n)*CVAT"):
+    with pytest.raises(UserError, match=r"No COCO dataset(.|\n)*instances_val2017\.json(.|\n)*Roboflow(.|\n)*CVAT"):
         _module(tmp_path)
     with pytest.raises(UserError, match="does not exist"):
         _module(tmp_path / "nowhere")
@@ -250,40 +194,6 @@ def test_predict_folder_needs_no_root(tiny_coco: Path) -> None:
     data.setup("predict")
     images, targets = next(iter(data.predict_dataloader()))
     assert [t["image_key"] for t in targets] == ["v0", "v1"] and images[0].shape == (3, 64, 80)
-
-
-# --------------------------------------------------------------------------------------------------- VOC
-def _voc_xml(stem: str, size: tuple[int, int] | None, objects: list[tuple[str, list[int], int]]) -> str:
-    parts = [f"<annotation><filename>{stem}.jpg</filename>"]
-    if size:
-        parts.append(f"<size><width>{size[1]}</width><height>{size[0]}</height><depth>3</depth></size>")
-    for name, (x0, y0, x1, y1), difficult in objects:
-        parts.append(
-            f"<object><name>{name}</name><difficult>{difficult}</difficult><bndbox><xmin>{x0}</xmin>"
-            f"<ymin>{y0}</ymin><xmax>{x1}</xmax><ymax>{y1}</ymax></bndbox></object>"
-        )
-    return "".join(parts) + "</annotation>"
-
-
-def make_tiny_voc(root: Path) -> Path:
-    """VOC2007 (trainval, test) and VOC2012 (trainval) with difficult objects; 1-based inclusive boxes."""
-    plan = {
-        "2007": {"trainval": [("a", [("dog", [5, 5, 30, 30], 0), ("cat", [35, 10, 60, 40], 1)])],
-                 "test": [("b", [("cat", [1, 1, 20, 20], 0), ("dog", [30, 30, 50, 60], 1)]), ("c", [])]},
-        "2012": {"trainval": [("d", [("cat", [10, 10, 40, 50], 0)])]},
-    }  # fmt: skip
-    for year, sets in plan.items():
-        base = root / "VOCdevkit" / f"VOC{year}"
-        for folder in ("JPEGImages", "Annotations", "ImageSets/Main"):
-            (base / folder).mkdir(parents=True, exist_ok=True)
-        for image_set, entries in sets.items():
-            (base / "ImageSets" / "Main" / f"{image_set}.txt").write_text("".join(f"{s}\n" for s, _ in entries))
-            for stem, objects in entries:
-                Image.fromarray(_draw((64, 72), [], 1)).save(base / "JPEGImages" / f"{stem}.jpg")
-                # image "c" has no <size>: read from the JPEG header
-                size = None if stem == "c" else (64, 72)
-                (base / "Annotations" / f"{stem}.xml").write_text(_voc_xml(stem, size, objects))
-    return root
 
 
 def test_voc_splits_difficult_and_pixel_convention(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from resnet_tasks.errors import UserError
 from resnet_tasks.labels import LabelSpace
 from resnet_tasks.tasks.detection import DetectionTask
 from resnet_tasks.writers.detection import DetectionWriter, box_colour
-from tests.test_detection_data import make_tiny_coco
+from tests.conftest import make_tiny_coco
 
 COCO_WEIGHTS = "FasterRCNN_ResNet50_FPN_Weights.COCO_V1"
 SMALL = {

@@ -1,32 +1,23 @@
-"""Fine-tuning schedules on a tiny CIFAR ResNet: frozen means bit-identical, unfreezing by epoch, layer-wise LRs,
-new class layers on whole-model weights, identical ranks under 2-process DDP, exact resume."""
+"""Fine-tuning schedules on a tiny CIFAR ResNet, unit by unit: frozen means bit-identical, unfreezing by epoch,
+warmup, layer-wise LRs, the printed lines, one-line config errors, LR factors in weights-only checkpoints, and new
+class layers on whole-model weights. tests/test_finetune_tasks.py runs them through the three tasks (CLI, DDP,
+resume)."""
 
 from __future__ import annotations
 
-import math
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from resnet_tasks.backbones import build_backbone
 from resnet_tasks.errors import UserError
-from resnet_tasks.tasks.finetune import (
-    CLASS_LAYERS,
-    FinetuneConfig,
-    Finetuner,
-    StageFactor,
-    backbone_parts,
-    load_with_new_classes,
-    param_group_table,
-)
+from resnet_tasks.tasks.finetune import FinetuneConfig, Finetuner, StageFactor, backbone_parts, param_group_table
 from resnet_tasks.tasks.optim import OptimizerConfig, ScheduleFactor, SchedulerConfig, build_optimizer, parameter_groups
-from tests.test_step_guard import free_port
+from resnet_tasks.tasks.weights import CLASS_LAYERS, load_with_new_classes
 
 STEPS_PER_EPOCH = 2
 
@@ -214,118 +205,73 @@ def test_stage_factor_state_survives_a_weights_only_checkpoint(tmp_path: Path) -
     assert fresh_schedule.total_steps == 10  # the run's schedule comes back too
 
 
-@pytest.mark.parametrize("task", ["classification", "detection", "segmentation"])
-def test_whole_model_weights_of_another_class_count(task: str) -> None:
-    from resnet_tasks.backbones import BackboneConfig
-    from resnet_tasks.tasks.classification import ClassificationTask
-    from resnet_tasks.tasks.detection import DetectionTask
-    from resnet_tasks.tasks.segmentation import SegmentationTask
+def task_class(task: str) -> type:
+    import resnet_tasks
 
-    cls = {"classification": ClassificationTask, "detection": DetectionTask, "segmentation": SegmentationTask}[task]
-    source = cls(num_classes=5, backbone=BackboneConfig(name="resnet18")).state_dict()
-    model = cls(num_classes=3, backbone=BackboneConfig(name="resnet18"))
+    return getattr(resnet_tasks, {"classification": "ClassificationTask", "detection": "DetectionTask",
+                                  "segmentation": "SegmentationTask"}[task])  # fmt: skip
+
+
+# resnet20 (3 stages): detection's pyramid has 4 levels, one anchor size each.
+SMALL = {"classification": {}, "detection": {"anchor_sizes": [[8], [16], [32], [64]]}, "segmentation": {}}
+
+
+@pytest.mark.parametrize("task", ["classification", "detection", "segmentation"])
+def test_whole_model_weights_of_another_class_count(task: str, tmp_path: Path) -> None:
+    from resnet_tasks.labels import LabelSpace
+    from resnet_tasks.tasks.weights import built_for_fit
+
+    cls, options = task_class(task), {"backbone": {"name": "resnet20"}, **SMALL[task]}
+    path = tmp_path / "other.pth"
+    torch.save(cls(num_classes=6, **options).state_dict(), path)
+    source = cls.model_state_dict(cls.__new__(cls), torch.load(path))
+    data = LabelSpace(("a", "b", "c")) if task == "classification" else LabelSpace.with_background(["a", "b", "c"])
+    if task == "detection":  # validate / test / predict: detection keeps the weights' classes, with a warning
+        with pytest.warns(UserWarning, match="keeps the weights' label space"):
+            assert cls(weights=str(path), label_space=data, **options).num_classes == 6
+        with pytest.warns(UserWarning), built_for_fit():  # resuming a run that kept them (its num_classes)
+            assert cls(weights=str(path), num_classes=6, label_space=data, **options).num_classes == 6
+    else:  # the others refuse them, pointing to fit
+        with pytest.raises(UserError, match="predict 6 classes but the data has .*resnet-tasks fit"):
+            cls(weights=str(path), label_space=data, **options)
+    with built_for_fit():  # fit: the data's classes, new class layers
+        model = cls(weights=str(path), label_space=data, **options)
+    assert model.label_space == data
     fresh = snapshot(model)
-    renewed = load_with_new_classes(model, source, CLASS_LAYERS[task], source="w.pth", what=f"{task} model")
-    assert renewed == sorted(CLASS_LAYERS[task])
+    model.load_pretrained(fit=True)
     for key, value in model.state_dict().items():
-        new = any(key.startswith(layer + ".") for layer in renewed)
+        new = any(key.startswith(layer + ".") for layer in CLASS_LAYERS[task])
         assert torch.equal(value, fresh[key] if new else source[key]), key
+    # The fitted model's hyper-parameters (num_classes agrees with the data) build it again outside fit.
+    assert cls(weights=str(path), num_classes=data.num_classes, label_space=data, **options).label_space == data
     source.pop(next(key for key in source if key.endswith("conv1.weight")))
     with pytest.raises(UserError, match="do not fit"):
         load_with_new_classes(model, source, CLASS_LAYERS[task], source="w.pth", what=f"{task} model")
 
 
-def _ddp_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
-    try:
-        torch.set_num_threads(1)
-        net = Net()
-        finetuner = Finetuner(net.backbone, FinetuneConfig(strategy="milestones", unfreeze_milestones=[1, 2]))
-        optimizer, scheduler, _ = optimiser(net, finetuner)
-        model = nn.parallel.DistributedDataParallel(net)  # no find_unused_parameters
-        data = batches(seed=rank)  # each rank its own images
-        train(model, finetuner, optimizer, scheduler, STEPS_PER_EPOCH, data)
-        first = snapshot(net)
-        train(model, finetuner, optimizer, scheduler, 2 * STEPS_PER_EPOCH, data)  # layer3, then layer2 unfreeze
-        torch.save({"first": first, "last": snapshot(net)}, Path(out) / f"rank{rank}.pt")
-    finally:
-        torch.distributed.destroy_process_group()
+def test_torchvision_classifier_weights_get_a_new_fc(tmp_path: Path) -> None:
+    import torchvision
+
+    from resnet_tasks.labels import LabelSpace
+    from resnet_tasks.tasks.classification import ClassificationTask
+    from resnet_tasks.tasks.weights import built_for_fit
+
+    path = tmp_path / "resnet18.pth"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
+    with built_for_fit():
+        model = ClassificationTask(weights=str(path), label_space=LabelSpace(("a", "b")), backbone={"name": "resnet18"})
+    model.load_pretrained(fit=True)
+    assert model.fc.out_features == 2
+    assert torch.equal(model.backbone.layer4[1].bn2.running_var, torch.load(path)["layer4.1.bn2.running_var"])
 
 
-def test_two_ddp_ranks_hold_the_same_parameters_after_an_unfreeze(tmp_path: Path) -> None:
-    mp.spawn(_ddp_worker, args=(free_port(), str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(2)]
-    initial = snapshot(Net())
-    assert changed(initial, ranks[0]["first"], "backbone.") == set()
-    moved = changed(initial, ranks[0]["last"], "backbone.")
-    assert {key.split(".")[1] for key in moved if "running" not in key} == {"layer2", "layer3"}
-    for key, value in ranks[0]["last"].items():
-        if "running" not in key and "num_batches" not in key:  # parameters (BN statistics are per rank)
-            assert torch.equal(value, ranks[1]["last"][key]), key
+def test_data_names_win_where_the_weights_name_the_same_ids_otherwise() -> None:
+    from resnet_tasks.labels import LabelSpace
+    from resnet_tasks.tasks.detection import DetectionTask
 
-
-def finetune_module(config: FinetuneConfig) -> Any:
-    """How a task wires the schedule into Lightning (the tasks do the same through TaskBase). Lightning is imported
-    here, not at the top: the DDP test's spawned ranks import this file."""
-    import lightning as L
-
-    class FinetuneModule(L.LightningModule):
-        def __init__(self, config: FinetuneConfig) -> None:
-            super().__init__()
-            self.net = Net()
-            self.finetuner = Finetuner(self.net.backbone, config)
-
-        def configure_optimizers(self) -> dict[str, Any]:
-            self.finetuner.config.check_epochs(self.trainer.max_epochs)
-            config = OptimizerConfig(lr=0.1, weight_decay=1e-4)
-            groups = self.finetuner.param_groups(parameter_groups(self, self.net.backbone, config))
-            optimizer = build_optimizer(groups, config)
-            total = int(self.trainer.estimated_stepping_batches)
-            steps = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
-            schedule = ScheduleFactor(SchedulerConfig(name="cosine"), total, steps, config.lr)
-            scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.finetuner.lr_lambdas(groups, schedule, steps))
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
-
-        def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-            self.finetuner.apply(self.lr_schedulers().last_epoch)
-
-        def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
-            images, labels = batch
-            return self.finetuner.tie(F.cross_entropy(self.net(images), labels))
-
-        def on_before_optimizer_step(self, optimizer: Any) -> None:
-            self.finetuner.drop_frozen_grads()
-
-        def on_train_end(self) -> None:
-            self.finetuner.release()
-
-        def train_dataloader(self) -> Any:
-            images, labels = batches()[0]
-            dataset = torch.utils.data.TensorDataset(torch.cat([images, -images]), torch.cat([labels, labels]))
-            return torch.utils.data.DataLoader(dataset, batch_size=4)
-
-    return FinetuneModule(config)
-
-
-def test_resume_across_an_unfreeze_equals_the_uninterrupted_run(tmp_path: Path) -> None:
-    import lightning as L
-
-    config = FinetuneConfig(strategy="freeze_then_unfreeze", unfreeze_at=1, warmup_epochs=2)
-    options = dict(accelerator="cpu", max_epochs=3, logger=False, enable_progress_bar=False, enable_model_summary=False)
-    every_epoch = L.pytorch.callbacks.ModelCheckpoint(tmp_path, "{epoch}", save_top_k=-1)
-    whole = finetune_module(config)
-    trainer = L.Trainer(default_root_dir=tmp_path, callbacks=[every_epoch], **options)
-    trainer.fit(whole)
-    checkpoint = tmp_path / "epoch=1.ckpt"  # after the unfreeze, in the middle of its warmup
-    torch.load(checkpoint, weights_only=True)  # plain types only
-    resumed = finetune_module(config)
-    again = L.Trainer(default_root_dir=tmp_path / "again", enable_checkpointing=False, **options)
-    again.fit(resumed, ckpt_path=checkpoint)
-    for key, value in whole.state_dict().items():
-        assert torch.equal(value, resumed.state_dict()[key]), key
-    assert changed(snapshot(Net()), whole.net, "backbone.")  # it did train the backbone
-    first, second = trainer.optimizers[0].state_dict(), again.optimizers[0].state_dict()
-    assert first["param_groups"] == second["param_groups"]
-    for index, state in first["state"].items():
-        assert torch.equal(state["momentum_buffer"], second["state"][index]["momentum_buffer"])
+    data = LabelSpace.with_background(["human", "bicycle"], [1, 2])  # COCO ids 1 and 2: person, bicycle
+    with pytest.warns(UserWarning, match="1: 'person' -> 'human'"):
+        task = DetectionTask(weights="FasterRCNN_ResNet50_FPN_Weights.COCO_V1", label_space=data,
+                             backbone={"name": "resnet18"})  # fmt: skip
+    assert task.num_classes == 91 and task.label_space.name(1) == "human" and task.label_space.name(2) == "bicycle"
+    assert task.category_names[1] == "human" and task.label_space.name(3) == "car"

@@ -197,7 +197,7 @@ def test_needs_a_config(run_cli: Callable) -> None:
 # ----------------------------------------------------------------------------------------------- your own data
 def test_yolo_roboflow_export_counts_negatives_and_yolo_ids(tmp_path: Path) -> None:
     from resnet_tasks.data.formats.yolo import YoloDetectionDataModule
-    from tests.test_yolo import make_roboflow
+    from tests.conftest import make_yolo_roboflow as make_roboflow
 
     report = inspect_data(YoloDetectionDataModule(data_yaml=str(make_roboflow(tmp_path / "export")), batch_size=1))
     data = report.to_json()
@@ -215,7 +215,7 @@ def test_yolo_roboflow_export_counts_negatives_and_yolo_ids(tmp_path: Path) -> N
 
 def test_mask_folders_roboflow_and_camvid(tmp_path: Path) -> None:
     from resnet_tasks.data.formats.folders import SegmentationFolderDataModule
-    from tests.test_own_segmentation import CAMVID_CLASSES, make_camvid, make_roboflow_masks
+    from tests.conftest import CAMVID_CLASSES, make_camvid, make_roboflow_masks
 
     options = dict(batch_size=2, num_workers=0, crop_size=32, eval_size=None)
     roboflow = SegmentationFolderDataModule(
@@ -235,9 +235,13 @@ def test_mask_folders_roboflow_and_camvid(tmp_path: Path) -> None:
 
 
 def test_csv_with_a_held_out_val_split(tmp_path: Path) -> None:
-    from tests.test_own_classification import make_csv_dataset, module
+    from resnet_tasks.data.formats.csv import CsvClassificationDataModule
+    from tests.conftest import make_csv_dataset
 
-    data = inspect_data(module(make_csv_dataset(tmp_path))).to_json()
+    data = inspect_data(CsvClassificationDataModule(
+        root=str(make_csv_dataset(tmp_path)), train_csv="train.csv", image_column="file", label_column="species",
+        crop_size=16, resize_size=20, batch_size=4, num_workers=0,
+    )).to_json()  # fmt: skip
     assert data["task"] == "classification" and data["problems"] == []  # every photo is in train or val
     assert data["splits"]["train"]["images"] + data["splits"]["val"]["images"] == 18
     assert [c["train"] + c["val"] for c in data["classes"]] == [6, 6, 6]

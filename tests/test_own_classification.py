@@ -7,33 +7,12 @@ import csv
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from resnet_tasks.data.classification import ImageFolderDataModule
 from resnet_tasks.data.formats.csv import CsvClassificationDataModule
 from resnet_tasks.errors import UserError
-from tests.conftest import COMMON_TRAINER_ARGS, make_image_folder, printed_path, read_metrics
-
-COLOURS = {"red": 0, "green": 1, "blue": 2}
-
-
-def make_csv_dataset(root: Path, per_class: int = 6) -> Path:
-    """`root/data/` holding `train.csv` (columns file,species; no trailing newline) whose paths start with `../`
-    into `root/photos/`; a learnable colour per class."""
-    rng = np.random.default_rng(0)
-    (root / "photos").mkdir(parents=True)
-    (root / "data").mkdir()
-    rows = []
-    for name, channel in COLOURS.items():
-        for i in range(per_class):
-            image = (rng.random((24, 28, 3)) * 100).astype(np.uint8)
-            image[..., channel] += 150
-            Image.fromarray(image).save(root / "photos" / f"{name}{i}.jpg", quality=95)
-            rows.append(f"../photos/{name}{i}.jpg,{name}")
-    (root / "data" / "train.csv").write_text("file,species\n" + "\n".join(rows))
-    return root / "data"
+from tests.conftest import COMMON_TRAINER_ARGS, make_csv_dataset, make_image_folder, printed_path, read_metrics
 
 
 def module(root: Path, **kwargs) -> CsvClassificationDataModule:

@@ -14,54 +14,18 @@ from resnet_tasks.data.formats.folders import SegmentationFolderDataModule, read
 from resnet_tasks.data.splitting import stratified_split
 from resnet_tasks.errors import UserError
 from resnet_tasks.labels import IGNORE_INDEX
-from tests.conftest import COMMON_TRAINER_ARGS, printed_path, read_metrics
+from tests.conftest import (
+    CAMVID_CLASSES,
+    CAMVID_VOID,
+    COMMON_TRAINER_ARGS,
+    make_camvid,
+    make_roboflow_masks,
+    printed_path,
+    read_metrics,
+)
+from tests.conftest import mask_scene as scene
 
-CAMVID_CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car", "person", "bicycle"]
-CAMVID_VOID = 11
 COLOURS = {"background": (0, 0, 0), "road": (128, 64, 128), "car": (64, 0, 128), "void": (255, 255, 255)}
-
-
-def scene(rng: np.random.Generator, values: list[int], void: int, size: tuple[int, int] = (36, 44)) -> tuple:
-    """An image with rectangles coloured by class and its mask holding `values` (and `void` along one edge)."""
-    height, width = size
-    image = np.full((height, width, 3), 30, dtype=np.uint8)
-    mask = np.full((height, width), values[0], dtype=np.uint8)
-    for _ in range(2):
-        value = values[int(rng.integers(1, len(values)))]
-        y0, x0 = int(rng.integers(0, height // 2)), int(rng.integers(0, width // 2))
-        mask[y0 : y0 + height // 3, x0 : x0 + width // 3] = value
-        image[y0 : y0 + height // 3, x0 : x0 + width // 3] = (70 * value % 256, 40 * value % 256, 90)
-    mask[:, 0] = void
-    return image, mask
-
-
-def make_camvid(root: Path, splits: dict[str, int] | None = None) -> Path:
-    """CamVid's SegNet layout: `train/` + `trainannot/`, `val/` + `valannot/`, grey PNG masks with void 11."""
-    rng = np.random.default_rng(0)
-    for split, count in (splits or {"train": 6, "val": 3}).items():
-        (root / split).mkdir(parents=True)
-        (root / f"{split}annot").mkdir()
-        for i in range(count):
-            image, mask = scene(rng, list(range(len(CAMVID_CLASSES))), CAMVID_VOID)
-            Image.fromarray(image).save(root / split / f"0001TP_{i:06d}.png")
-            Image.fromarray(mask, mode="L").save(root / f"{split}annot" / f"0001TP_{i:06d}.png")
-    return root
-
-
-def make_roboflow_masks(root: Path, splits: dict[str, int] | None = None) -> Path:
-    """Roboflow's "Semantic Segmentation Masks" export: `x.jpg` + `x_mask.png` + `_classes.csv` per split folder;
-    pixel value 0 is unlabelled."""
-    rng = np.random.default_rng(1)
-    for split, count in (splits or {"train": 6, "valid": 3}).items():
-        folder = root / split
-        folder.mkdir(parents=True)
-        (folder / "_classes.csv").write_text("Pixel Value, Class\n0, background\n1, cat\n2, dog\n")
-        for i in range(count):
-            image, mask = scene(rng, [0, 1, 2], 0)
-            stem = f"img{i}_jpg.rf.{i:04x}"
-            Image.fromarray(image).save(folder / f"{stem}.jpg", quality=95)
-            Image.fromarray(mask, mode="L").save(folder / f"{stem}_mask.png")
-    return root
 
 
 def make_rgb_masks(root: Path, count: int = 4) -> Path:

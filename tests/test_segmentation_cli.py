@@ -10,8 +10,8 @@ import pytest
 import yaml
 from PIL import Image
 
+from tests.conftest import make_segmentation_voc as make_tiny_voc
 from tests.conftest import printed_path, read_metrics
-from tests.test_segmentation_data import make_tiny_voc
 
 
 def test_fit_test_predict_and_metrics_match_written_masks(tmp_path: Path, run_cli: Callable) -> None:

@@ -10,62 +10,16 @@ import torch
 from PIL import Image
 
 from resnet_tasks.data.formats.voc_segmentation import VOCSegmentationDataModule
-from resnet_tasks.data.masks import VOC_PALETTE, read_sbd_mat
+from resnet_tasks.data.masks import read_sbd_mat
 from resnet_tasks.data.sampling import SizeGroupedEvalBatchSampler
 from resnet_tasks.data.segmentation import collate_eval
 from resnet_tasks.data.transforms import segmentation_train_transform
 from resnet_tasks.errors import UserError
 from resnet_tasks.labels import IGNORE_INDEX
-
-NUM_CLASSES = 21
-
-
-def write_palette_png(mask: np.ndarray, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    picture = Image.fromarray(mask.astype(np.uint8))
-    picture.putpalette(VOC_PALETTE)
-    picture.save(path)
-
-
-def scene(rng: np.random.Generator, height: int, width: int, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    """An image with one coloured rectangle per object and its mask (class id inside, 255 on the outline)."""
-    image = np.full((height, width, 3), 40, dtype=np.uint8)
-    mask = np.zeros((height, width), dtype=np.uint8)
-    for _ in range(2):
-        label = int(rng.integers(1, num_classes))
-        y0, x0 = int(rng.integers(0, height // 2)), int(rng.integers(0, width // 2))
-        y1, x1 = y0 + int(rng.integers(8, height // 2)), x0 + int(rng.integers(8, width // 2))
-        image[y0:y1, x0:x1] = (37 * label % 256, 91 * label % 256, 53 * label % 256)
-        mask[y0:y1, x0:x1] = label
-        mask[y0, x0:x1] = IGNORE_INDEX
-    return image, mask
-
-
-def make_tiny_voc(
-    root: Path,
-    num_train: int = 6,
-    num_val: int = 5,
-    sizes: tuple[tuple[int, int], ...] = ((48, 64), (64, 48), (56, 56)),
-    num_classes: int = NUM_CLASSES,
-    seed: int = 0,
-) -> Path:
-    """A VOC2012 segmentation layout under `root` (JPEG images, palette PNG masks, split lists)."""
-    rng = np.random.default_rng(seed)
-    voc = root / "VOCdevkit" / "VOC2012"
-    (voc / "JPEGImages").mkdir(parents=True, exist_ok=True)
-    (voc / "ImageSets" / "Segmentation").mkdir(parents=True, exist_ok=True)
-    splits = {"train": [], "val": []}
-    for index in range(num_train + num_val):
-        split = "train" if index < num_train else "val"
-        stem = f"2007_{index:06d}"
-        height, width = sizes[index % len(sizes)]
-        image, mask = scene(rng, height, width, num_classes)
-        Image.fromarray(image).save(voc / "JPEGImages" / f"{stem}.jpg", quality=95)
-        write_palette_png(mask, voc / "SegmentationClass" / f"{stem}.png")
-        splits[split].append(stem)
-    for split, stems in splits.items():
-        (voc / "ImageSets" / "Segmentation" / f"{split}.txt").write_text("\n".join(stems) + "\n")
-    return root
+from tests.conftest import VOC_NUM_CLASSES as NUM_CLASSES
+from tests.conftest import make_segmentation_voc as make_tiny_voc
+from tests.conftest import voc_scene as scene
+from tests.conftest import write_palette_png
 
 
 @pytest.fixture()

@@ -10,60 +10,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 
 from resnet_tasks.data.formats import yolo, yolo_cache
 from resnet_tasks.data.formats.yolo import YoloDetectionDataModule, build_index, list_split_images
 from resnet_tasks.errors import UserError
-from tests.conftest import COMMON_TRAINER_ARGS, printed_path, read_metrics
-
-ROBOFLOW_YAML = """train: ../train/images
-val: ../valid/images
-test: ../test/images
-
-nc: 3
-names: ['cat', 'dog', 'bird']
-
-roboflow:
-  workspace: me
-  version: 1
-"""
-
-
-def write_image(path: Path, size: tuple[int, int] = (80, 64), orientation: int | None = None) -> Path:
-    """A JPEG (or PNG, by suffix) of `size` (width, height) with a bright square, optionally EXIF-rotated."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pixels = np.full((size[1], size[0], 3), 40, dtype=np.uint8)
-    pixels[size[1] // 4 : size[1] * 3 // 4, size[0] // 4 : size[0] * 3 // 4] = (220, 90, 40)
-    extra = {}
-    if orientation is not None:
-        exif = Image.Exif()
-        exif[0x0112] = orientation
-        extra["exif"] = exif.tobytes()
-    Image.fromarray(pixels).save(path, **extra)
-    return path
-
-
-def write_labels(path: Path, text: str) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
-def make_roboflow(root: Path, yaml_text: str = ROBOFLOW_YAML) -> Path:
-    """A Roboflow YOLO export: data.yaml beside train/ and valid/ (no test/ although the yaml names it)."""
-    train, valid = root / "train", root / "valid"
-    for stem in ("a", "b", "empty", "nolabel", "poly"):
-        write_image(train / "images" / f"{stem}.jpg")
-    write_labels(train / "labels" / "a.txt", "0 0.5 0.5 0.5 0.25\n2 0.25 0.25 0.1 0.125\n")
-    write_labels(train / "labels" / "b.txt", "1 0.5 0.5 1 1\n\n")
-    write_labels(train / "labels" / "empty.txt", "")
-    write_labels(train / "labels" / "poly.txt", "1 0.1 0.2 0.5 0.25 0.4 0.75\n")
-    for stem, row in (("v0", "0 0.5 0.5 0.9 0.9"), ("v1", "2 0.5 0.5 0.5 0.5")):
-        write_image(valid / "images" / f"{stem}.jpg")
-        write_labels(valid / "labels" / f"{stem}.txt", row + "\n")
-    (root / "data.yaml").write_text(yaml_text)
-    return root / "data.yaml"
+from tests.conftest import COMMON_TRAINER_ARGS, printed_path, read_metrics, write_image, write_labels
+from tests.conftest import make_yolo_roboflow as make_roboflow
 
 
 @pytest.fixture
@@ -305,8 +257,10 @@ def test_second_process_waits_for_the_one_building_the_cache(
 # ----------------------------------------------------------------------------------------------- CLI
 def test_fit_validate_predict_through_the_cli(run_cli, tmp_path: Path) -> None:
     """A few steps on a Roboflow export, then validate and predict with the yaml's class names and ids."""
-    from tests.test_detection_cli import ALL_BOXES, QUICKSTART, SMALL
+    from tests.conftest import ALL_BOXES, SMALL_DETECTOR
+    from tests.conftest import DETECTION_QUICKSTART as QUICKSTART
 
+    SMALL = SMALL_DETECTOR
     config = make_roboflow(tmp_path / "export")
     data = ["--data", "resnet_tasks.YoloDetectionDataModule", "--data.data_yaml", str(config), *SMALL]
     code, out, err = run_cli("fit", "--config", QUICKSTART, *data, "--trainer.max_steps", "2", "--trainer.max_epochs",

@@ -11,9 +11,9 @@ from collections.abc import Sequence
 from functools import partial
 
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 from torchvision.ops import FrozenBatchNorm2d
 
+from ..compat import batch_norm_base
 from ..errors import UserError
 from .blocks import (
     BLOCKS,
@@ -211,7 +211,7 @@ class ResNetBackbone(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv2d):
                 nn.init.kaiming_normal_(module.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(module, (_BatchNorm, nn.GroupNorm, FrozenBatchNorm2d)):
+            elif isinstance(module, (batch_norm_base(), nn.GroupNorm, FrozenBatchNorm2d)):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
         if zero_init_residual:

@@ -18,6 +18,7 @@ from resnet_tasks.errors import UserError
 from resnet_tasks.evaluation.gallery import GALLERY_SIZE, GalleryItem, GalleryKeeper
 from resnet_tasks.evaluation.summary import EvaluationResult
 from resnet_tasks.labels import LabelSpace
+from resnet_tasks.tasks.finetune import FinetuneConfig, Finetuner, param_group_table
 from resnet_tasks.tasks.guard import StepGuard, all_reduce_max, guarded_step
 from resnet_tasks.tasks.optim import (
     OptimizerConfig,
@@ -27,7 +28,6 @@ from resnet_tasks.tasks.optim import (
     optimisation_line,
     parameter_groups,
 )
-from resnet_tasks.tasks.run_callbacks import RNGState, SkipReport
 from resnet_tasks.tasks.summary import LatestSummary, TensorBoardPictures, publish_summary
 from resnet_tasks.tasks.weights import (
     CHECKPOINT_KEY,
@@ -74,6 +74,7 @@ class TaskBase(L.LightningModule):
         backbone: BackboneConfig = BackboneConfig(),
         optimizer: OptimizerConfig = OptimizerConfig(),
         scheduler: SchedulerConfig = SchedulerConfig(),
+        finetune: FinetuneConfig = FinetuneConfig(),
         weights: str | None = None,
         batch_size: int | None = None,
         channels_last: bool = False,
@@ -106,6 +107,9 @@ class TaskBase(L.LightningModule):
             self.backbone_config.weights = None
         self.optimizer_config: OptimizerConfig = as_config(optimizer, OptimizerConfig)
         self.scheduler_config: SchedulerConfig = as_config(scheduler, SchedulerConfig)
+        # What of the backbone trains when (freeze, unfreeze by epoch, layer-wise LR decay): set up at fit's setup.
+        self.finetune_config: FinetuneConfig = as_config(finetune, FinetuneConfig)
+        self.finetuner: Finetuner | None = None
         self.weights = None if no_weights(weights) else str(weights)
         self.label_space: LabelSpace = resolve_label_space(self, num_classes, LabelSpace.coerce(label_space))
         self.num_classes = self.label_space.num_classes
@@ -142,6 +146,7 @@ class TaskBase(L.LightningModule):
             "backbone": dataclasses.asdict(self.backbone_config),
             "optimizer": {**dataclasses.asdict(self.optimizer_config), "betas": list(self.optimizer_config.betas)},
             "scheduler": dataclasses.asdict(self.scheduler_config),
+            "finetune": dataclasses.asdict(self.finetune_config),
         }
         update_saved_hyperparameters(self, resolved)
 
@@ -159,9 +164,9 @@ class TaskBase(L.LightningModule):
         self._restored_from_checkpoint = True
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """RNG streams in checkpoints (exact resume), the per-epoch skip report, and where evaluation summaries go:
-        the run's report and, with `log_images`, TensorBoard."""
-        callbacks: list[L.Callback] = [RNGState(), SkipReport(), LatestSummary()]
+        """Where evaluation summaries go: the run's report and, with `log_images`, TensorBoard. (RNG streams in
+        checkpoints and the skip report are the command line's callbacks: `lightning_cli`.)"""
+        callbacks: list[L.Callback] = [LatestSummary()]
         if self.log_images > 0:
             callbacks.append(TensorBoardPictures(self.log_images))
         return callbacks
@@ -175,15 +180,21 @@ class TaskBase(L.LightningModule):
         """Whole-model weights in any layout we read (torchvision's, our .ckpt) with this module's key names."""
         raise NotImplementedError(f"{type(self).__name__} must implement model_state_dict()")
 
-    def load_pretrained(self) -> None:
-        """Load `weights` (whole model) or else `backbone.weights` (backbone only), once."""
+    def load_pretrained(self, fit: bool = False) -> None:
+        """Load `weights` (whole model) or else `backbone.weights` (backbone only), once. `fit`: whole-model weights
+        made for another class count load all but the class layers (which start anew for the data's classes)."""
         if self._pretrained_loaded or self.skip_pretrained_weights or self._restored_from_checkpoint:
             return
         self._pretrained_loaded = True
-        load_task_weights(self)
+        load_task_weights(self, fit=fit)
 
     def setup(self, stage: str) -> None:
-        self.load_pretrained()
+        self.load_pretrained(fit=stage == "fit")
+        if stage == "fit":
+            trainer = self.attached_trainer()
+            self.finetune_config.check_epochs(trainer.max_epochs if trainer is not None else None)
+            if self.finetuner is None:  # before DDP wraps the model: it registers what may ever unfreeze
+                self.finetuner = Finetuner(self.backbone_module(), self.finetune_config)
         self.apply_speed_options()
 
     def compile_targets(self) -> list[nn.Module]:
@@ -230,7 +241,20 @@ class TaskBase(L.LightningModule):
                 self.log(f"train/{name}", value.detach(), batch_size=size)
         # A skipped step logs its (non-finite) loss as it was.
         self.log("train/loss", loss.detach(), prog_bar=True, batch_size=size)
-        return loss
+        # Under DDP, a zero term ties the frozen parts' parameters to the loss (each gets its gradient reduced).
+        return loss if self.finetuner is None else self.finetuner.tie(loss)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """The fine-tuning schedule at this step: frozen parts in eval mode and without autograd; a change is logged."""
+        if self.finetuner is not None and self.finetuner.active:
+            message = self.finetuner.apply(self.lr_schedulers().last_epoch)
+            if message and self.is_global_zero():
+                print(message, flush=True)
+
+    def on_before_optimizer_step(self, optimizer: Any) -> None:
+        """Frozen parts' (zero) gradients go before clipping and the step: momentum and weight decay never move them."""
+        if self.finetuner is not None:
+            self.finetuner.drop_frozen_grads()
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.step_guard.steps_since_check >= self.max_consecutive_bad_steps:
@@ -240,6 +264,8 @@ class TaskBase(L.LightningModule):
         self.step_guard.check(self.global_step)
 
     def on_train_end(self) -> None:
+        if self.finetuner is not None:
+            self.finetuner.release()
         self.step_guard.check(self.global_step)
 
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer: Any, optimizer_closure: Any = None) -> None:
@@ -272,12 +298,19 @@ class TaskBase(L.LightningModule):
             )
         groups = self.parameter_groups()
         scale = lr_scale(config, self.global_batch_size())
+        finetuner = self.finetuner or Finetuner(self.backbone_module(), self.finetune_config)
+        self.finetuner = finetuner
+        # Fine-tuning splits the backbone's groups per part, each with its LR factor (unfreeze gate, warmup, decay).
+        split = finetuner.param_groups(groups)
         optimizer, scheduler, total_steps = build_optimization(
-            groups, config, self.scheduler_config, self.trainer, scale
+            split, config, self.scheduler_config, self.trainer, scale, functools.partial(finetuner.lr_lambdas, split)
         )
         if self.trainer.is_global_zero:
             line = optimisation_line(groups, config, self.scheduler_config, self.batch_size, self.trainer, total_steps)
             print(line, flush=True)
+            if finetuner.active:
+                print(finetuner.describe(split), flush=True)
+                print(param_group_table(optimizer.param_groups), flush=True)
         return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
     # ----------------------------------------------------------------- evaluation

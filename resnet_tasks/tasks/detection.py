@@ -167,11 +167,11 @@ class DetectionTask(TaskBase):
         config = self.backbone_config
         if pretrained and config.norm == "bn":
             config = dataclasses.replace(config, norm="frozen_bn")
-        if trainable_backbone_layers is None and config.frozen_stages == 0:
-            trainable_backbone_layers = 3 if pretrained else 5
         body = config.build(output_stride=32)
+        stages = len(body.stage_names)
+        if trainable_backbone_layers is None and config.frozen_stages == 0:
+            trainable_backbone_layers = min(3, stages + 1) if pretrained else stages + 1  # + 1: the stem
         if trainable_backbone_layers is not None:
-            stages = len(body.stage_names)
             if not 0 <= trainable_backbone_layers <= stages + 1:
                 raise UserError(
                     f"--model.trainable_backbone_layers must be in [0, {stages + 1}] for {config.name} (its "

@@ -18,7 +18,6 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from resnet_tasks.backbones import compare_state_dict
 from resnet_tasks.errors import UserError
 
 STRATEGIES = ("none", "freeze", "freeze_then_unfreeze", "milestones")
@@ -271,7 +270,9 @@ class Finetuner:
         self._install(frozen)
         epoch = step // max(1, self.steps_per_epoch)
         if opened:
-            names = ", ".join(self.parts[i].name for i in opened[::-1])
+            names = (
+                "backbone" if len(opened) == len(self.parts) else ", ".join(self.parts[i].name for i in opened[::-1])
+            )
             warm = f", LR warmed up over {self.config.warmup_epochs} epoch(s)" if self.config.warmup_epochs else ""
             size = count(sum(p.numel() for i in opened for p in self.parts[i].params))
             return f"finetune: epoch {epoch}: {names} unfrozen ({size} params{warm})"
@@ -354,46 +355,11 @@ def param_group_table(groups: Sequence[Mapping[str, Any]]) -> str:
     return "param groups:\n" + "\n".join(lines)
 
 
-# ---------------------------------------------------------------------- whole-model weights, other classes
-# The class-specific layers of each task, as the tasks' own state-dict keys (torchvision's, under "model.").
-CLASS_LAYERS: dict[str, tuple[str, ...]] = {
-    "classification": ("fc",),
-    "detection": ("model.roi_heads.box_predictor.cls_score", "model.roi_heads.box_predictor.bbox_pred"),
-    "segmentation": ("model.classifier.4", "model.aux_classifier.4"),
-}
-
-
-def load_with_new_classes(
-    module: nn.Module, state_dict: Mapping[str, Any], class_layers: Sequence[str], *, source: str, what: str
-) -> list[str]:
-    """Load whole-model weights trained for another class count: every tensor except the `class_layers` whose
-    shapes differ, which keep their fresh initialisation for this model's classes. Returns those layers' names.
-
-    Anything else missing or of another shape is refused (UserError), as for any weights.
-    """
-    report, loadable = compare_state_dict(module, state_dict, source=source, what=what)
-
-    def is_class_key(key: str) -> bool:
-        return any(key.startswith(layer + ".") for layer in class_layers)
-
-    renewed = sorted({key.rsplit(".", 1)[0] for key, _, _ in report.shape_mismatched if is_class_key(key)})
-    report.shape_mismatched = [item for item in report.shape_mismatched if not is_class_key(item[0])]
-    if not report.ok:
-        raise UserError(
-            f"weights {source} do not fit the {what}.\n{report.summary()}\n"
-            f"Pass weights made for this {what} (or choose the architecture the file was trained with)."
-        )
-    module.load_state_dict(loadable, strict=False)
-    return renewed
-
-
 __all__ = [
-    "CLASS_LAYERS",
     "BackbonePart",
     "FinetuneConfig",
     "Finetuner",
     "StageFactor",
     "backbone_parts",
-    "load_with_new_classes",
     "param_group_table",
 ]

@@ -4,6 +4,7 @@ parameter groups, and the optimizer with its LR schedule as `configure_optimizer
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -154,29 +155,41 @@ def build_optimizer(groups: list[dict[str, Any]], config: OptimizerConfig, scale
     return kind(groups, lr=lr, weight_decay=config.weight_decay, fused=fused or None, **options)
 
 
+# Per-group LR factors from the run's schedule and the scheduler updates per epoch (the fine-tuning gates).
+GroupFactors = Callable[[Callable[[int], float], int], list[Callable[[int], float]]]
+
+
 def build_scheduler(
     optimizer: torch.optim.Optimizer,
     config: SchedulerConfig,
     base_lr: float,
     total_steps: int,
-    steps_per_epoch: float,
+    steps_per_epoch: int,
     max_epochs: int,
+    group_factors: GroupFactors | None = None,
 ) -> dict[str, Any]:
-    """Lightning's `lr_scheduler` entry: warmup + decay as a LambdaLR, stepped per step or per epoch."""
+    """Lightning's `lr_scheduler` entry: warmup + decay as a LambdaLR, stepped per step or per epoch.
+
+    `group_factors(schedule, updates_per_epoch)`: one LambdaLR factor per param group built on the run's schedule
+    (None: the schedule for every group).
+    """
     if config.interval == "epoch":
-        total, per_epoch = max_epochs, 1.0
+        total, per_epoch = max_epochs, 1
     else:
         total, per_epoch = total_steps, steps_per_epoch
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, ScheduleFactor(config, total, per_epoch, base_lr))
+    schedule = ScheduleFactor(config, total, per_epoch, base_lr)
+    factors: Any = schedule if group_factors is None else group_factors(schedule, per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
     return {"scheduler": scheduler, "interval": config.interval}
 
 
-def steps_per_epoch(trainer: Any, total_steps: int, max_epochs: int) -> float:
-    """Optimizer steps in one training epoch (gradient accumulation included)."""
+def steps_per_epoch(trainer: Any, total_steps: int, max_epochs: int) -> int:
+    """Optimizer steps in one training epoch, exactly: ceil(batches / accumulation), as Lightning steps (its last
+    step of an epoch takes the remainder batches)."""
     batches = trainer.num_training_batches
     if isinstance(batches, (int, float)) and math.isfinite(batches) and batches > 0:
-        return max(1.0, batches / trainer.accumulate_grad_batches)
-    return total_steps / max_epochs
+        return max(1, math.ceil(int(batches) / trainer.accumulate_grad_batches))
+    return max(1, math.ceil(total_steps / max_epochs))
 
 
 def build_optimization(
@@ -185,13 +198,15 @@ def build_optimization(
     schedule: SchedulerConfig,
     trainer: Any,
     scale: float,
+    group_factors: GroupFactors | None = None,
 ) -> tuple[torch.optim.Optimizer, dict[str, Any], int]:
-    """The optimizer over `groups`, its `lr_scheduler` entry for Lightning and the run's total optimizer steps."""
+    """The optimizer over `groups`, its `lr_scheduler` entry for Lightning and the run's total optimizer steps
+    (`group_factors`: see `build_scheduler`)."""
     optimizer = build_optimizer(groups, config, scale)
     total_steps = int(trainer.estimated_stepping_batches)  # also sets up the train dataloader
     max_epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
     per_epoch = steps_per_epoch(trainer, total_steps, max_epochs)
-    scheduler = build_scheduler(optimizer, schedule, config.lr, total_steps, per_epoch, max_epochs)
+    scheduler = build_scheduler(optimizer, schedule, config.lr, total_steps, per_epoch, max_epochs, group_factors)
     return optimizer, scheduler, total_steps
 
 

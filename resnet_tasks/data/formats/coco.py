@@ -35,18 +35,15 @@ DEFAULT_NAMES = {
 
 
 def layouts_text(names: list[str] | None = None) -> str:
-    """The layouts `CocoDetectionDataModule` recognises: the paths it looks for under --data.root (COCO 2017 for
-    the split `names`)."""
+    """What `CocoDetectionDataModule` looks for under --data.root (COCO 2017 for the split `names`), in one line."""
     names = names or ["train2017", "val2017"]
     files = " or ".join(f"annotations/instances_{name}.json" for name in names)
     folders = " / ".join(f"{name}/" for name in names)
     return (
-        "Looked for these layouts under --data.root:\n"
-        f"  COCO 2017: {files} + {folders} (split names: --data.train_split, --data.val_split)\n"
-        f"  Roboflow:  train/{ROBOFLOW_FILE} beside the images (and valid/, test/)\n"
-        "  CVAT:      annotations/instances_<name>.json + images/ (or images/<name>/)\n"
-        "Or name the files of each split: --data.train_annotations FILE --data.train_images DIR (and val_, test_; "
-        "relative to --data.root or absolute)."
+        f"looked for {files} with {folders} (COCO 2017; split names --data.train_split / --data.val_split), "
+        f"train/{ROBOFLOW_FILE} and valid/{ROBOFLOW_FILE} beside the images (Roboflow), annotations/instances_<name>"
+        ".json with images/ (CVAT). Point --data.root at one of these, or name each split's files: "
+        "--data.train_annotations FILE --data.train_images DIR (and val_, test_; relative to --data.root or absolute)."
     )
 
 
@@ -209,7 +206,7 @@ class CocoDetectionDataModule(DetectionDataModule):
             named = [name for key in rest if (name := getattr(self, f"{key}_split"))]
             self.layout = find_layout(root, named or ["train2017", "val2017"])
             if self.layout is None and not described:
-                raise UserError(f"No COCO dataset found under {root}.\n{layouts_text(named)}")
+                raise UserError(f"No COCO dataset found under {root}: {layouts_text(named)}")
         for key in rest:
             name = None
             if self.layout is not None:
@@ -227,7 +224,7 @@ class CocoDetectionDataModule(DetectionDataModule):
                 )
             self.sources[self.predict_split] = self.layout.split(self.predict_split, "predict")
         if not self.sources:
-            raise UserError(f"No COCO split found.\n{layouts_text()}")
+            raise UserError(f"No COCO split found: {layouts_text()}")
         tell(f"COCO data: {'; '.join(described)}")
 
     def describe_split(self, key: str) -> str:

@@ -12,7 +12,6 @@ import numpy as np
 from resnet_tasks.data.detection import DetectionDataModule
 from resnet_tasks.data.detection_annotations import AnnotationBuilder, DetectionAnnotations
 from resnet_tasks.data.formats.voc_files import (
-    VOC_LAYOUT,
     VocLayout,
     VocRecord,
     find_voc_layout,
@@ -23,7 +22,7 @@ from resnet_tasks.data.io import image_size_hw
 from resnet_tasks.data.splitting import tell
 from resnet_tasks.errors import UserError
 
-__all__ = ["VOC_CLASSES", "VOC_LAYOUT", "VOCDetectionDataModule", "parse_split"]
+__all__ = ["VOC_CLASSES", "VOCDetectionDataModule", "parse_split"]
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow", "diningtable", "dog",

@@ -14,11 +14,6 @@ import numpy as np
 from resnet_tasks.data.io import IMAGE_EXTENSIONS, stems_from_list
 from resnet_tasks.errors import UserError
 
-VOC_LAYOUT = """Expected VOC layout under --data.root:
-  VOCdevkit/VOC2007/{JPEGImages/<id>.jpg, Annotations/<id>.xml, ImageSets/Main/<set>.txt}
-  VOCdevkit/VOC2012/... (same)
-Splits are YEAR-SET joined by '+', e.g. --data.train_split 2007-trainval+2012-trainval."""
-
 ROBOFLOW_SPLITS = {"train": ("train",), "val": ("valid", "val"), "test": ("test",)}
 LIST_SPLITS = {"train": ("train", "trainval", "default"), "val": ("val", "valid", "validation"), "test": ("test",)}
 PER_CLASS_LIST = re.compile(r".+_(train|val|trainval|test)")
@@ -26,13 +21,12 @@ ALL = "all"  # the one split of a LabelImg folder without ImageSets/Main
 
 
 def layouts_text(root: Path) -> str:
-    """The layouts `VOCDetectionDataModule` recognises, with the paths it looks for under `root`."""
+    """What `VOCDetectionDataModule` looks for under `root`, in one line."""
     return (
-        "Recognised VOC layouts:\n"
-        f"  VOCdevkit:     {root}/VOCdevkit/VOC<year>/{{Annotations, JPEGImages, ImageSets/Main/<set>.txt}} (splits "
-        "YEAR-SET joined by '+', e.g. --data.train_split 2007-trainval+2012-trainval)\n"
-        f"  Roboflow:      {root}/{{train,valid,test}}/ holding x.jpg beside x.xml\n"
-        f"  LabelImg/CVAT: {root}/Annotations/*.xml + {root}/JPEGImages/ (+ ImageSets/Main/<name>.txt where present)"
+        f"looked for {root}/VOCdevkit/VOC<year>/ with Annotations/, JPEGImages/ and ImageSets/Main/<set>.txt "
+        "(VOCdevkit; splits YEAR-SET joined by '+', e.g. --data.train_split 2007-trainval+2012-trainval), split "
+        f"folders such as {root}/train/ and valid/ holding x.jpg beside x.xml (Roboflow), {root}/Annotations/*.xml "
+        f"with {root}/JPEGImages/ and, where present, ImageSets/Main/<name>.txt (LabelImg/CVAT)."
     )
 
 
@@ -210,7 +204,7 @@ class VocLayout:
 
     def _listed(self, listing: Path, annotations: Path, split: str) -> list[Path]:
         if not listing.is_file():
-            raise UserError(f"Missing VOC image list {listing} (split {split!r}).\n{layouts_text(self.root)}")
+            raise UserError(f"Missing VOC image list {listing} (split {split!r}).")
         xmls = [annotations / f"{stem}.xml" for stem in stems_from_list(listing)]
         for xml in xmls:
             if not xml.is_file():
@@ -238,4 +232,4 @@ def find_voc_layout(root: Path) -> VocLayout:
     folders = sorted(path.name for path in root.iterdir() if path.is_dir() and any(path.glob("*.xml")))
     if folders:
         return VocLayout("Roboflow", root, tuple(folders))
-    raise UserError(f"No VOC dataset found under {root}.\n{layouts_text(root)}")
+    raise UserError(f"No VOC dataset found under {root}: {layouts_text(root)}")

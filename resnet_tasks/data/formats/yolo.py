@@ -324,9 +324,10 @@ class YoloDetectionDataModule(DetectionDataModule):
     Classes are the yaml's `names`; their YOLO ids (0-based) are the category ids in results. Each split's labels
     are parsed once and cached beside its labels folder, or under `cache_dir` (default: the user cache directory)
     where that folder is read-only. An image with a missing or empty label file is a negative: counted, and
-    trained on unless `remove_images_without_annotations` (default false, as Ultralytics trains on them). Without
-    a test split, `test` evaluates the val split. Results use the file stem as `image_id`. A relative `data_yaml`
-    is read from `root` when that is given.
+    trained on unless `remove_images_without_annotations` (default false, as Ultralytics trains on them). With
+    `val_fraction`, that share of the training images is held out as val (`split_seed`). Without a test split,
+    `test` evaluates the yaml's val split. Results use the file stem as `image_id`. A relative
+    `data_yaml` is read from `root` when that is given.
     """
 
     def __init__(
@@ -334,6 +335,8 @@ class YoloDetectionDataModule(DetectionDataModule):
         data_yaml: str | None = None,
         cache_dir: str | None = None,
         remove_images_without_annotations: bool = False,
+        val_fraction: float | None = None,
+        split_seed: int = 0,
         **kwargs: Any,
     ) -> None:
         super().__init__(
@@ -344,6 +347,7 @@ class YoloDetectionDataModule(DetectionDataModule):
             **kwargs,
         )
         self.cache_dir = cache_dir
+        self.val_fraction, self.split_seed = val_fraction, split_seed
         self.data: YoloDataYaml | None = None
         if data_yaml is None:
             if self.predict_path is not None:
