@@ -15,8 +15,9 @@ from timing import Sizes, alternate, median, opencv_threads, torch_threads
 
 
 def bench_data(sizes: Sizes, device: torch.device) -> dict[str, Any]:
-    """Decode + ImageNet train augmentation, images/s on one core: ours (OpenCV + albumentations) vs
-    torchvision's reference transforms (PIL + transforms.v2 RandomResizedCrop/flip/normalise), same JPEGs."""
+    """Decode + ImageNet train augmentation, images/s on one core: ours (OpenCV + albumentations; the worker's share,
+    uint8: normalising follows on the device) vs torchvision's reference transforms (PIL + transforms.v2
+    RandomResizedCrop/flip/normalise), same JPEGs."""
     from PIL import Image
     from torchvision.transforms import v2
 
@@ -43,7 +44,7 @@ def bench_data(sizes: Sizes, device: torch.device) -> dict[str, Any]:
         paths = write_jpegs(Path(tmp), sizes.data_images, width, height)
         for path in paths:
             path.read_bytes()  # page cache: time decoding, not the disk
-        shapes = {tuple(ours_transform(read_image(paths[0])).shape), tuple(reference(paths[0]).shape)}
+        shapes = {tuple(ours_transform(read_image(paths[0]))["image"].shape), tuple(reference(paths[0]).shape)}
         if shapes != {(3, 224, 224)}:
             raise AssertionError(f"pipelines disagree on output shape: {shapes}")
         with opencv_threads(0), torch_threads(1):  # "per core": one thread, one process, like a DataLoader worker

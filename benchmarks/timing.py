@@ -92,27 +92,26 @@ def median(values: list[float]) -> float:
 
 
 @contextlib.contextmanager
-def torch_threads(count: int) -> Iterator[None]:
-    """torch's intra-op thread count for the block."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(count)
+def thread_count(get: Callable[[], int], set_: Callable[[int], None], count: int) -> Iterator[None]:
+    """A library's thread count (read by `get`, set by `set_`) at `count` for the block, restored after it."""
+    previous = get()
+    set_(count)
     try:
         yield
     finally:
-        torch.set_num_threads(previous)
+        set_(previous)
 
 
-@contextlib.contextmanager
-def opencv_threads(count: int) -> Iterator[None]:
+def torch_threads(count: int) -> contextlib.AbstractContextManager[None]:
+    """torch's intra-op thread count for the block."""
+    return thread_count(torch.get_num_threads, torch.set_num_threads, count)
+
+
+def opencv_threads(count: int) -> contextlib.AbstractContextManager[None]:
     """OpenCV's thread count for the block (0: its functions run on the calling thread only)."""
     import cv2
 
-    previous = cv2.getNumThreads()
-    cv2.setNumThreads(count)
-    try:
-        yield
-    finally:
-        cv2.setNumThreads(previous)
+    return thread_count(cv2.getNumThreads, cv2.setNumThreads, count)
 
 
 def synchronize(device: torch.device) -> None:

@@ -17,7 +17,7 @@ import torch
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import Callback, EMAWeightAveraging
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from torch.optim.swa_utils import get_ema_avg_fn
+from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from resnet_tasks import compat
 from resnet_tasks.config import global_batch_size, run_dir
@@ -270,7 +270,8 @@ class GlobalBatchEMA(EMAWeightAveraging):
             global_batch = global_batch_size(batch, trainer.world_size, trainer.accumulate_grad_batches)
             epochs = trainer.max_epochs if trainer.max_epochs and trainer.max_epochs > 0 else 1
             self.decay = global_batch_ema_decay(self.raw_decay, global_batch, self.update_every_n_steps, epochs)
-            compat.set_ema_average_function(self, get_ema_avg_fn(decay=self.decay))
+            # lerp leaves a value that did not change (a frozen stage) bit-identical; `decay*ema + (1-decay)*x` does not
+            compat.set_ema_average_function(self, get_ema_multi_avg_fn(decay=self.decay))
             if trainer.is_global_zero:
                 print(f"EMA: decay {self.decay:.6f} ({self.raw_decay} rescaled to global batch {global_batch})")
         super().setup(trainer, pl_module, stage)

@@ -6,6 +6,7 @@ through Lightning's CLI (`resnet_tasks.lightning_cli`).
 
 from __future__ import annotations
 
+import importlib
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -68,39 +69,29 @@ def print_backbones(args: list[str]) -> None:
         print(f"{row['name']:<18} {row['params_m']:>10.2f}  {channels} -> {strides}")
 
 
-@register("plot", "draw training curves from runs' metrics.csv: plot RUN_DIR... --out FILE.png [--error]")
-def plot(args: list[str]) -> None:
-    from resnet_tasks.plot import main as plot_main
+def module_command(module: str) -> Callable[[list[str]], None]:
+    """The runner of a command whose module has `main(args)`, imported when the command runs."""
 
-    plot_main(args)
+    def run(args: list[str]) -> None:
+        importlib.import_module(module).main(args)
 
-
-@register("report", "build report.html (metrics, per-class table, pictures) for finished runs: report RUN_DIR...")
-def report(args: list[str]) -> None:
-    from resnet_tasks.report.run import main as report_main
-
-    report_main(args)
+    return run
 
 
-@register("export", "export a trained model to ONNX: export --config FILE (--ckpt_path CKPT | --model.weights SPEC)")
-def export(args: list[str]) -> None:
-    from resnet_tasks.export import main as export_main
-
-    export_main(args)
-
-
-@register("optimize", "write a dataset split as LitData chunks for streaming: optimize --data.root DIR --out OUT")
-def optimize(args: list[str]) -> None:
-    from resnet_tasks.optimize import main as optimize_main
-
-    optimize_main(args)
-
-
-@register("inspect", "look at a dataset before training: counts, problems, dataset.json: inspect --config FILE")
-def inspect_dataset(args: list[str]) -> None:
-    from resnet_tasks.inspect import main as inspect_main
-
-    inspect_main(args)
+# name, the module whose `main(args)` runs the command, its line in the command list
+for _name, _module, _summary in (
+    ("plot", "resnet_tasks.plot",
+     "draw training curves from runs' metrics.csv: plot RUN_DIR... --out FILE.png [--error]"),
+    ("report", "resnet_tasks.report.run",
+     "build report.html (metrics, per-class table, pictures) for finished runs: report RUN_DIR..."),
+    ("export", "resnet_tasks.export",
+     "export a trained model to ONNX: export --config FILE (--ckpt_path CKPT | --model.weights SPEC)"),
+    ("optimize", "resnet_tasks.optimize",
+     "write a dataset split as LitData chunks for streaming: optimize --data.root DIR --out OUT"),
+    ("inspect", "resnet_tasks.inspect",
+     "look at a dataset before training: counts, problems, dataset.json: inspect --config FILE"),
+):  # fmt: skip
+    register(_name, _summary)(module_command(_module))
 
 
 def usage() -> str:

@@ -76,10 +76,11 @@ def is_local_path(path: Any) -> bool:
     return bool(_is_local_file_protocol(path))
 
 
-def set_ema_average_function(callback: Any, average_fn: Any) -> None:
-    """Give Lightning's `EMAWeightAveraging` callback the averaging function its averaged model is built with
-    (set before the callback's `setup` builds that model)."""
-    callback._kwargs["avg_fn"] = average_fn
+def set_ema_average_function(callback: Any, multi_average_fn: Any) -> None:
+    """Give Lightning's `EMAWeightAveraging` callback the (multi-tensor) averaging function its averaged model is
+    built with, in place of its own per-tensor one (set before the callback's `setup` builds that model)."""
+    callback._kwargs.pop("avg_fn", None)
+    callback._kwargs["multi_avg_fn"] = multi_average_fn
 
 
 class CheckpointHyperparametersHook:

@@ -2,18 +2,22 @@
 
 The file takes `images`, uint8 RGB (N, 3, H, W), and normalises inside. Its class names and the evaluation
 preprocessing `predict` applies travel in the ONNX metadata (`class_names`, `preprocessing`, JSON strings) and in
-a sidecar `<file>.json`. Export uses torch's TorchScript-based ONNX exporter (`dynamo=False`): torch's default
-(dynamo) exporter cannot export torchvision's Faster R-CNN (data-dependent shapes in `batched_nms`).
+a sidecar `<file>.json`. That preprocessing is the one `fit` stored in the checkpoint (the data module's
+`eval_preprocessing()`), so a checkpoint exports without its dataset; with `--model.weights` (or a checkpoint
+that stores none) it comes from the config's data module. Export uses torch's TorchScript-based ONNX exporter
+(`dynamo=False`): torch's default (dynamo) exporter cannot export torchvision's Faster R-CNN (data-dependent
+shapes in `batched_nms`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import json
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +28,14 @@ from resnet_tasks.compat import compiled_calls_disabled, module_from_checkpoint
 from resnet_tasks.errors import UserError
 from resnet_tasks.export_graphs import default_preprocessing, graph_spec, model_preprocessing
 from resnet_tasks.labels import LabelSpace, upgrade_hyperparameters
-from resnet_tasks.lightning_cli import parse_config, require_config
+from resnet_tasks.lightning_cli import (
+    config_dict,
+    import_class,
+    parse_config,
+    require_config,
+    run_directory,
+    stored_preprocessing,
+)
 from resnet_tasks.tasks.base import CHECKPOINT_KEY, TaskBase, no_weights
 
 FORMATS = ("onnx",)
@@ -36,6 +47,8 @@ EXPORT_EXTRA = 'pip install "resnet-tasks[export]"'
 # The torch release this exporter was tested with (named in the error if a later torch drops dynamo=False).
 TESTED_TORCH = "2.14"
 DEFAULT_FILE_NAME = "model.onnx"
+# The config's data module and why it cannot be built here (None, None: the config names none), built on first use.
+DataModuleOf = Callable[[], tuple[Any, UserError | None]]
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -170,17 +183,6 @@ def add_export_arguments(parser: Any) -> None:
     parser.add_argument("--opset", type=int, default=ONNX_OPSET, help="ONNX opset version")
 
 
-def _import_class(class_path: str) -> type:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module or "resnet_tasks"), name)
-
-
-def _as_dict(namespace: Any) -> dict[str, Any]:
-    if namespace is None:
-        return {}
-    return namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace)
-
-
 def checkpoint_task(path: str | Path) -> str | None:
     """The task that wrote a `resnet-tasks fit` checkpoint (None for other files)."""
     try:
@@ -205,13 +207,14 @@ def build_datamodule(config: Any) -> tuple[Any, UserError | None]:
     if data is None:
         return None, None
     try:
-        return _import_class(data.class_path)(**_as_dict(data.init_args)), None
+        return import_class(data.class_path)(**config_dict(data.init_args)), None
     except UserError as error:
         return None, error
 
 
-def load_task(path: Path, task_class: type[TaskBase]) -> TaskBase:
-    """The task of a `resnet-tasks fit` checkpoint, the file read once (hyper-parameters brought up to date)."""
+def load_task(path: Path, task_class: type[TaskBase]) -> tuple[TaskBase, dict[str, Any] | None]:
+    """The task of a `resnet-tasks fit` checkpoint, the file read once (hyper-parameters brought up to date), and
+    the evaluation preprocessing stored with it (None: written before checkpoints stored it)."""
     if not path.is_file():
         raise UserError(f"Checkpoint not found: {path}. Check --ckpt_path.")
     checkpoint = read_checkpoint(path)
@@ -222,7 +225,8 @@ def load_task(path: Path, task_class: type[TaskBase]) -> TaskBase:
         _check_task(info.get("task"), path, task_class, "--ckpt_path")
         saved = checkpoint.get("hyper_parameters") or {}
         checkpoint["hyper_parameters"] = upgrade_hyperparameters(task_class.task_name, saved, info)
-        return module_from_checkpoint(task_class, checkpoint)  # type: ignore[return-value]
+        task: TaskBase = module_from_checkpoint(task_class, checkpoint)  # type: ignore[assignment]
+        return task, stored_preprocessing(checkpoint)
     except UserError:
         raise
     except Exception as error:
@@ -233,16 +237,19 @@ def load_task(path: Path, task_class: type[TaskBase]) -> TaskBase:
         ) from None
 
 
-def build_task(config: Any, datamodule: Any = None) -> tuple[TaskBase, str]:
-    """The model to export: from `--ckpt_path` (its stored hyper-parameters) or the config + `--model.weights`."""
-    task_class = _import_class(config.model.class_path)
+def build_task(config: Any, data: DataModuleOf) -> tuple[TaskBase, str, dict[str, Any] | None]:
+    """The model to export, where it comes from and the preprocessing stored with it: from `--ckpt_path` (its
+    stored hyper-parameters and preprocessing) or the config + `--model.weights` (none stored; the data module
+    names the classes when the weights do not)."""
+    task_class = import_class(config.model.class_path)
     if not (isinstance(task_class, type) and issubclass(task_class, TaskBase)):
         raise UserError(f"--model.class_path {config.model.class_path} is not a resnet-tasks task.")
-    init_args = _as_dict(config.model.init_args)
-    init_args.update(_as_dict(config.model.get("dict_kwargs")))
+    init_args = config_dict(config.model.init_args)
+    init_args.update(config_dict(config.model.get("dict_kwargs")))
     if config.ckpt_path:
         path = Path(config.ckpt_path).expanduser()
-        return load_task(path, task_class), str(path)
+        task, stored = load_task(path, task_class)
+        return task, str(path), stored
     weights = init_args.get("weights")
     if no_weights(weights):
         raise UserError(
@@ -256,31 +263,29 @@ def build_task(config: Any, datamodule: Any = None) -> tuple[TaskBase, str]:
         from resnet_tasks.backbones import label_space_of
 
         if not isinstance(label_space_of(str(weights), task_class.head_key, task_class.task_name), LabelSpace):
-            init_args["label_space"] = getattr(datamodule, "label_space", None)
+            init_args["label_space"] = getattr(data()[0], "label_space", None)
     task = task_class(**init_args)
     task.load_pretrained()
-    return task, str(weights)
+    return task, str(weights), None
 
 
-def export_preprocessing(task: TaskBase, datamodule: Any, problem: UserError | None) -> dict[str, Any]:
-    """What `predict` does to an image before the model (the data module's) and what the model does itself."""
+def export_preprocessing(
+    task: TaskBase, stored: Mapping[str, Any] | None, data: DataModuleOf, source: str
+) -> dict[str, Any]:
+    """What `predict` does to an image before the model and what the model does itself (`model_preprocessing`).
+    The first is the checkpoint's `stored` preprocessing; without it (weights, or a checkpoint written before
+    checkpoints stored it), the config's data module's `eval_preprocessing()`."""
+    if stored is not None:
+        return {**stored, **model_preprocessing(task)}
+    datamodule, problem = data()
     if datamodule is not None:
         return {**datamodule.eval_preprocessing(), **model_preprocessing(task)}
     if problem is not None and not model_preprocessing(task):
         raise UserError(
-            "resnet-tasks export takes the evaluation preprocessing (resize, crop, mean/std) from the config's data "
-            f"module, which cannot be built here: {problem}"
+            f"resnet-tasks export needs the evaluation preprocessing (resize, crop, mean/std): {source} stores none "
+            f"and the config's data module, which gives it, cannot be built here: {problem}"
         )
     return default_preprocessing(task)  # the model resizes and normalises itself (detection)
-
-
-def default_output(config: Any) -> Path:
-    """`<default_root_dir>/lightning_logs/version_N/model.onnx`, N the next free version (as a new run's)."""
-    from lightning.pytorch.loggers import CSVLogger
-
-    root = (config.get("trainer") or {}).get("default_root_dir") or "."
-    logger = CSVLogger(root, name="lightning_logs")
-    return Path(logger.log_dir) / DEFAULT_FILE_NAME
 
 
 def main(args: list[str]) -> None:
@@ -304,10 +309,10 @@ def main(args: list[str]) -> None:
         )
     require_onnx()
     require_torchscript_exporter()
-    datamodule, problem = build_datamodule(config)
-    task, source = build_task(config, datamodule)
-    preprocessing = export_preprocessing(task, datamodule, problem)
-    out = Path(config.out).expanduser() if config.out else default_output(config)
+    data = functools.cache(lambda: build_datamodule(config))  # built only when needed, then once
+    task, source, stored = build_task(config, data)
+    preprocessing = export_preprocessing(task, stored, data, source)
+    out = Path(config.out).expanduser() if config.out else run_directory(config) / DEFAULT_FILE_NAME
     path = export_onnx(task, out, preprocessing, opset=config.opset, source=source)
     print(f"model written: {path}")
     print(f"sidecar written: {path}.json")

@@ -4,7 +4,6 @@ module as `fit` does, prints per split the images, negatives and per-class count
 
 from __future__ import annotations
 
-import importlib
 import json
 from collections import Counter
 from pathlib import Path
@@ -12,24 +11,13 @@ from typing import Any
 
 from resnet_tasks.data.inspection import AnchorGeometry, DatasetReport, Problem, inspect_data
 from resnet_tasks.errors import UserError
-from resnet_tasks.lightning_cli import parse_config, require_config
+from resnet_tasks.lightning_cli import config_dict, import_class, parse_config, require_config, run_directory
 
 EXAMPLES_PER_KIND = 5  # problems printed per kind (dataset.json has them all)
 MAX_PRINTED_CLASSES = 40
 MAX_BARS = 60
 RPN_BACKGROUND_IOU = 0.3  # torchvision's rpn_bg_iou_thresh default
 HINT = ", e.g. resnet-tasks inspect --config configs/quickstart/detection.yaml"
-
-
-def _import_class(class_path: str) -> type:
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module or "resnet_tasks"), name)
-
-
-def _as_dict(namespace: Any) -> dict[str, Any]:
-    if namespace is None:
-        return {}
-    return namespace.as_dict() if hasattr(namespace, "as_dict") else dict(namespace)
 
 
 def anchor_geometry(model_args: dict[str, Any]) -> AnchorGeometry:
@@ -46,14 +34,6 @@ def anchor_geometry(model_args: dict[str, Any]) -> AnchorGeometry:
         aspect_ratios=tuple(float(r) for r in (model_args.get("aspect_ratios") or DEFAULT_ASPECT_RATIOS)),
         min_iou=float(model_args.get("rpn_bg_iou_thresh") or RPN_BACKGROUND_IOU),
     )
-
-
-def run_directory(config: Any) -> Path:
-    """`<default_root_dir>/lightning_logs/version_N`, N the next free version (as a new run's)."""
-    from lightning.pytorch.loggers import CSVLogger
-
-    root = (config.get("trainer") or {}).get("default_root_dir") or "."
-    return Path(CSVLogger(root, name="lightning_logs").log_dir)
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -138,14 +118,13 @@ def main(args: list[str]) -> None:
     data = config.get("data")
     if data is None or not data.get("class_path"):
         raise UserError(f"The config names no data module (a data: section with a class_path){HINT}")
-    data_class = _import_class(data.class_path)
-    datamodule = data_class(**_as_dict(data.init_args))
+    datamodule = import_class(data.class_path)(**config_dict(data.init_args))
     model = config.get("model")
     task, anchors = None, None
     if model is not None and model.get("class_path"):
-        task = getattr(_import_class(model.class_path), "task_name", None) or None
+        task = getattr(import_class(model.class_path), "task_name", None) or None
         if task == "detection":
-            anchors = anchor_geometry(_as_dict(model.init_args))
+            anchors = anchor_geometry(config_dict(model.init_args))
     report = inspect_data(datamodule, task=task, anchors=anchors)
     for line in summary_lines(report, type(datamodule).__name__):
         print(line)

@@ -1,15 +1,17 @@
 """fit / validate / test / predict through Lightning's CLI: the project's links and defaults, `--ckpt_path` read
-once, metrics.json and the run's report after an evaluation."""
+once, the evaluation preprocessing stored in every checkpoint, metrics.json and the run's report after an
+evaluation; and the config reading of the commands that build their own objects (export, inspect)."""
 
 from __future__ import annotations
 
 import atexit
+import importlib
 import json
 import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,12 +38,15 @@ from resnet_tasks.compat import CheckpointHyperparametersHook, parser_has_argume
 from resnet_tasks.config import QUICKSTART_HINT, run_dir
 from resnet_tasks.errors import UserError, find_user_error, user_message
 from resnet_tasks.labels import LabelSpace, upgrade_hyperparameters
+from resnet_tasks.tasks.base import CHECKPOINT_KEY
 
 METRIC_PREFIXES = {"validate": "val/", "test": "test/", "fit": "val/"}
 # Model keys that say how to evaluate (not what was trained): with --ckpt_path, the command's values apply.
 EVALUATION_KEYS = ("tta", "log_images", "confusion_iou", "confusion_score")
 # Any of these on a command line brings (or asks about) a config.
 CONFIG_WORDS = frozenset({"-h", "--help", "-c", "--config", "--model", "--print_config"})
+# The entry of a checkpoint's `resnet_tasks` dict holding the data module's `eval_preprocessing()`.
+PREPROCESSING_KEY = "preprocessing"
 
 
 def require_config(command: str, args: Sequence[str], hint: str) -> None:
@@ -81,6 +86,23 @@ def write_metrics_json(trainer: L.Trainer, prefix: str) -> Path | None:
     print(f"metrics: {json.dumps(shown)}")
     print(f"metrics written: {path}")
     return path
+
+
+class StoreEvalPreprocessing(L.Callback):
+    """Every checkpoint holds the data module's evaluation preprocessing (`eval_preprocessing()`, under
+    `checkpoint["resnet_tasks"]["preprocessing"]`): `export` reads it there, without the dataset."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        preprocessing = getattr(trainer.datamodule, "eval_preprocessing", None)
+        if callable(preprocessing):
+            checkpoint.setdefault(CHECKPOINT_KEY, {})[PREPROCESSING_KEY] = preprocessing()
+
+
+def stored_preprocessing(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The evaluation preprocessing `StoreEvalPreprocessing` wrote into a checkpoint (None: it holds none, e.g.
+    written before checkpoints stored it)."""
+    found = (checkpoint.get(CHECKPOINT_KEY) or {}).get(PREPROCESSING_KEY)
+    return dict(found) if isinstance(found, Mapping) else None
 
 
 def trainer_plugins(given: Any, preloaded: dict[str, dict[str, Any]] | None = None) -> list[Any]:
@@ -205,8 +227,9 @@ class ResNetTasksCLI(CheckpointHyperparametersHook, LightningCLI):
         if config.get("enable_progress_bar", True) is not False:
             if not any(isinstance(c, (RichProgressBar, TQDMProgressBar)) for c in callbacks):
                 callbacks.append(RichProgressBar() if sys.stdout.isatty() else TQDMProgressBar(refresh_rate=50))
-        # RNG streams in checkpoints (exact resume) and the per-epoch report of skipped unreadable images
-        callbacks += [cls() for cls in (RNGState, SkipReport) if not any(isinstance(c, cls) for c in callbacks)]
+        # RNG streams and the evaluation preprocessing in checkpoints, the per-epoch report of skipped images
+        ours = (RNGState, StoreEvalPreprocessing, SkipReport)
+        callbacks += [cls() for cls in ours if not any(isinstance(c, cls) for c in callbacks)]
         if self.subcommand in ("fit", None) and not any(isinstance(c, InterruptCheckpoint) for c in callbacks):
             callbacks.append(InterruptCheckpoint())
         if enable_checkpointing and not any(isinstance(c, LastCheckpoint) for c in callbacks):
@@ -247,14 +270,7 @@ class ResNetTasksCLI(CheckpointHyperparametersHook, LightningCLI):
                     print(f"requeued SLURM job: resuming from {found}", flush=True)
         self._prepare_model()
 
-    def before_validate(self) -> None:
-        self._prepare_model()
-
-    def before_test(self) -> None:
-        self._prepare_model()
-
-    def before_predict(self) -> None:
-        self._prepare_model()
+    before_validate = before_test = before_predict = _prepare_model
 
     def after_fit(self) -> None:
         self.write_report(write_metrics_json(self.trainer, METRIC_PREFIXES["fit"]))
@@ -274,6 +290,26 @@ class ResNetTasksCLI(CheckpointHyperparametersHook, LightningCLI):
         from resnet_tasks.tasks.summary import latest_summary
 
         write_run_report(metrics_path, latest_summary(self.trainer))
+
+
+def import_class(class_path: str) -> Any:
+    """A config's `class_path` (`resnet_tasks.ClassificationTask`, or the short `ClassificationTask`) as a class."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module or "resnet_tasks"), name)
+
+
+def config_dict(section: Any) -> dict[str, Any]:
+    """A parsed config's section (e.g. `init_args`: a jsonargparse Namespace, a mapping or None) as a dict."""
+    if section is None:
+        return {}
+    return section.as_dict() if hasattr(section, "as_dict") else dict(section)
+
+
+def run_directory(config: Any) -> Path:
+    """`<trainer.default_root_dir>/lightning_logs/version_N` of a parsed config, N the next free version (a new
+    run's directory, as `fit` would make it)."""
+    root = (config.get("trainer") or {}).get("default_root_dir") or "."
+    return Path(CSVLogger(root, name="lightning_logs").log_dir)
 
 
 def parse_config(

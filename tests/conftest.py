@@ -3,13 +3,18 @@ import from here; no test module imports another) and an in-process runner for t
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
 import pickle
+import signal
+import stat
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -462,3 +467,158 @@ def make_csv_dataset(root: Path, per_class: int = 6) -> Path:
             rows.append(f"../photos/{name}{i}.jpg,{name}")
     (root / "data" / "train.csv").write_text("file,species\n" + "\n".join(rows))
     return root / "data"
+
+
+# ----------------------------------------------------------------------------------------------- CLI flows
+def fit_one_step_then_evaluate(run_cli: Callable, args: list[str], tmp_path: Path) -> dict[str, str]:
+    """`fit` one step with `args`, then `validate`, `test` and `predict` with its last checkpoint as `--model.weights`;
+    the output of each command, by name (each run in `tmp_path / command`)."""
+    code, out, err = run_cli("fit", *args, "--trainer.max_steps", "1", "--trainer.max_epochs", "1",
+                             "--trainer.check_val_every_n_epoch", "1", "--trainer.default_root_dir",
+                             str(tmp_path / "fit"))  # fmt: skip
+    assert code == 0, err
+    outputs = {"fit": out}
+    weights = ["--model.weights", str(next((tmp_path / "fit").rglob("last.ckpt")))]
+    for command in ("validate", "test", "predict"):
+        code, out, err = run_cli(command, *args, *weights, "--trainer.default_root_dir", str(tmp_path / command))
+        assert code == 0, err
+        outputs[command] = out
+    return outputs
+
+
+def cocoeval_stats(annotation_file: Path, results_file: Path) -> list[float]:
+    """pycocotools' COCOeval box summary of `results_file` on `annotation_file` (mAP, mAP@0.5, mAP@0.75, ...)."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        ground_truth = COCO(str(annotation_file))
+        evaluator = COCOeval(ground_truth, ground_truth.loadRes(str(results_file)), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    return [float(value) for value in evaluator.stats]
+
+
+def assert_one_clear_error(code: int, err: str, *must_contain: str) -> str:
+    """Exit 2, exactly one `error:` line containing every fragment, and no traceback."""
+    assert code == 2, err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    for fragment in must_contain:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+# ------------------------------------------------------------------------------------------ small runs of each task
+# Through the CLI with `--data.root` added by the test (DDP, precision, test-time augmentation).
+CLASSIFICATION_RUN = [
+    "--config", "configs/classification/imagenet_resnet50.yaml", "--model.backbone.name", "resnet18",
+    "--model.optimizer.lr", "0.01", "--data.crop_size", "32", "--data.resize_size", "36",
+    "--data.batch_size", "4", "--data.num_workers", "0",
+]  # fmt: skip
+DETECTION_RUN = [
+    "--config", "configs/quickstart/detection.yaml", "--data.batch_size", "4", "--data.num_workers", "0",
+    "--model.min_size", "64", "--model.max_size", "64", "--model.anchor_sizes", "[[8], [16], [32], [64], [128]]",
+    "--model.rpn_pre_nms_top_n_test", "200", "--model.rpn_post_nms_top_n_test", "100",
+    # An almost untrained detector scores low: keep every box so that the mAPs are not all zero.
+    "--model.box_score_thresh", "0.0", "--model.scheduler.warmup_steps", "0", "--trainer.max_time", "null",
+]  # fmt: skip
+SEGMENTATION_RUN = [
+    "--config", "configs/quickstart/segmentation.yaml", "--data.batch_size", "4", "--data.num_workers", "0",
+    "--data.crop_size", "64", "--trainer.check_val_every_n_epoch", "1",
+]  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ processes and clusters
+REPO = Path(__file__).resolve().parents[1]
+# A generous bound: a DDP job that loses a rank would otherwise wait for gloo's 30-minute timeout.
+DDP_TIMEOUT_S = 300
+
+
+def clean_environment() -> dict[str, str]:
+    """This environment minus any launcher/cluster variables (Lightning would join that job instead)."""
+    prefixes = ("SLURM_", "TORCHELASTIC_", "PL_", "LSB_", "OMPI_", "PMI_")
+    names = {"LOCAL_RANK", "RANK", "GROUP_RANK", "NODE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+             "MASTER_PORT", "JSM_NAMESPACE_SIZE"}  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k not in names and not k.startswith(prefixes)}
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    return env
+
+
+def metrics_in(root_dir: Path) -> dict[str, float]:
+    """The metrics.json of the single run under `root_dir`."""
+    (path,) = root_dir.glob("lightning_logs/version_*/metrics.json")
+    return json.loads(path.read_text())
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny models run no faster on 2 threads, and on a busy machine 2 threads spin-wait for each other (4x slower).
+    A module opts in with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def fake_scontrol(folder: Path) -> Path:
+    """An `scontrol` that appends its arguments to `folder/scontrol.log`; returns that log's path."""
+    folder.mkdir(parents=True, exist_ok=True)
+    log = folder / "scontrol.log"
+    script = folder / "scontrol"
+    script.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n')
+    script.chmod(script.stat().st_mode | stat.S_IEXEC)
+    return log
+
+
+def sigterm_at(step: int) -> Any:
+    """A Lightning callback that sends this process SIGTERM after optimizer step `step` (as a cluster scheduler would).
+
+    Lightning is imported here, not when pytest loads this file: its log handlers would keep pytest's start-up
+    stream, which is closed by the time the CLI tests log."""
+    import lightning as L
+
+    class SigtermAt(L.Callback):
+        def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
+            if trainer.global_step == step:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    return SigtermAt()
+
+
+# ----------------------------------------------------------------------------------------------- detection metrics
+def random_detection_case(seed: int) -> tuple[list[dict], list[dict]]:
+    """(predictions, targets) for a detection metric: 24 images of 300x300 px with small/medium/large objects, crowd
+    regions, empty images and images without detections; coordinates on a 1/4-pixel grid (exact in float32, so both
+    sides see identical numbers)."""
+    rng = np.random.default_rng(seed)
+    targets, preds = [], []
+    for image in range(24):
+        count = 0 if image % 7 == 3 else int(rng.integers(1, 6))
+        sizes = rng.choice([12, 40, 130], size=count) * rng.uniform(0.7, 1.3, size=count)
+        xy = rng.uniform(0, 150, size=(count, 2))
+        boxes = np.concatenate([xy, xy + sizes[:, None] * rng.uniform(0.6, 1.4, size=(count, 2))], axis=1)
+        boxes = np.round(np.clip(boxes, 0, 300) * 4) / 4
+        labels = rng.choice([1, 3, 8], size=count)
+        crowd = (rng.random(count) < 0.15).astype(np.int64)
+        # COCO's area is a segment area: smaller than the box, which moves objects between size buckets.
+        area = np.round((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) * rng.uniform(0.5, 1.0, count))
+        targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+                        "labels": torch.tensor(labels, dtype=torch.int64), "iscrowd": torch.tensor(crowd),
+                        "area": torch.tensor(area, dtype=torch.float32)})  # fmt: skip
+        if image % 5 == 4:  # no detections at all for this image
+            preds.append({"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0),
+                          "labels": torch.zeros(0, dtype=torch.int64)})  # fmt: skip
+            continue
+        jitter = rng.normal(0, 4, size=boxes.shape)
+        det = np.concatenate([boxes + jitter, rng.uniform(0, 200, size=(3, 2)).repeat(2, axis=1) + [0, 0, 30, 30]])
+        det = np.round(np.clip(det, 0, 300) * 4) / 4
+        det[:, 2:] = np.maximum(det[:, 2:], det[:, :2] + 0.25)
+        det_labels = np.concatenate([labels, rng.choice([1, 3, 8, 5], size=3)])  # 5: a class with no ground truth
+        det_labels[rng.random(len(det_labels)) < 0.1] = 3
+        scores = np.round(rng.random(len(det)), 4)
+        preds.append({"boxes": torch.tensor(det, dtype=torch.float32), "labels": torch.tensor(det_labels),
+                      "scores": torch.tensor(scores, dtype=torch.float32)})  # fmt: skip
+    return preds, targets

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import importlib
 import json
+from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -24,12 +26,17 @@ EXPECTED_KEYS = {
 LIGHTNING_KEYS = {"step_s_trainer", "step_s_loop", "ratio_loop_over_trainer", "ratio_per_round"}
 
 
-def test_suite_tiny_writes_every_figure(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # In process, as `python benchmarks/run.py` would run it: the benchmarks' folder first on sys.path.
+@pytest.fixture
+def import_benchmark(monkeypatch: pytest.MonkeyPatch) -> Callable[[str], ModuleType]:
+    """Imports a module of benchmarks/ as `python benchmarks/NAME.py` would: that folder first on sys.path."""
     monkeypatch.syspath_prepend(str(BENCHMARKS_DIR))
-    bench = importlib.import_module("run")
+    return importlib.import_module
+
+
+def test_suite_tiny_writes_every_figure(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], import_benchmark: Callable[[str], ModuleType]
+) -> None:
+    bench = import_benchmark("run")
     out = tmp_path / "results.json"
     code = bench.main(["--tiny", "--out", str(out)])
     report = json.loads(out.read_text())
@@ -52,11 +59,10 @@ def test_suite_tiny_writes_every_figure(
 
 
 def test_gpu_benchmark_cpu_fallback_prints_the_table_and_says_what_it_skipped(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], import_benchmark: Callable[[str], ModuleType]
 ) -> None:
     """`python benchmarks/gpu.py` without CUDA: the same table at tiny sizes, every skipped cell with its reason."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS_DIR))
-    gpu = importlib.import_module("gpu")
+    gpu = import_benchmark("gpu")
     out = tmp_path / "gpu"
     assert gpu.main(["--device", "cpu", "--out", str(out)]) == 0  # no cell failed
     report = json.loads(out.with_suffix(".json").read_text())

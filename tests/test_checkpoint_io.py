@@ -21,10 +21,9 @@ import pytest
 import torch
 
 from resnet_tasks.checkpoint_io import TMP_SUFFIX, AtomicCheckpointIO, atomic_torch_save
-from tests.conftest import COMMON_TRAINER_ARGS
-from tests.test_ddp import clean_environment
-from tests.test_reliability import assert_one_clear_error
-from tests.test_requeue import one_thread  # noqa: F401 (an autouse fixture)
+from tests.conftest import COMMON_TRAINER_ARGS, assert_one_clear_error, clean_environment
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[1]
 BALLAST_MB = 256

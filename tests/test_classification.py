@@ -146,10 +146,11 @@ def test_cifar_split_and_transforms(tmp_path: Path) -> None:
     train, val, test = data.dataset("train"), data.dataset("val"), data.dataset("test")
     assert (len(train), len(val), len(test)) == (50, 10, 20)
     item = train[0]
-    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.float32
-    # eval transform is normalisation only: pixel (0,0) of image 0 of the test set, channel 0
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.uint8
+    # evaluation is normalisation only (after the transfer): pixel (0,0) of image 0 of the test set, channel 0
     raw = test.images[0][0, 0, 0] / 255.0
-    assert test[0]["image"][0, 0, 0].item() == pytest.approx((raw - 0.4914) / 0.2470, abs=1e-5)
+    batch = data.on_after_batch_transfer(torch.utils.data.default_collate([test[0]]), 0)
+    assert batch["image"][0, 0, 0, 0].item() == pytest.approx((raw - 0.4914) / 0.2470, abs=1e-5)
     # the held-out split is disjoint from training and stable across instances
     again = CIFARDataModule(root=str(root), val_size=10, num_workers=0).dataset("val")
     assert np.array_equal(val.images, again.images)

@@ -123,7 +123,7 @@ def test_torchvision_protocol_resizes_image_and_mask_as_torchvision(coco_root: P
     coco = COCO(str(coco_root / "annotations" / "instances_val2017.json"))
     data = module(coco_root, eval_protocol="torchvision", eval_size=size)
     data.setup("test")
-    batches = list(data.test_dataloader())
+    batches = [data.on_after_batch_transfer(batch, 0) for batch in data.test_dataloader()]  # normalised
     assert sum(len(batch["stem"]) for batch in batches) == 5
     stem_to_id = {Path(info["file_name"]).stem: image_id for image_id, info in coco.imgs.items()}
     for batch in batches:
@@ -163,6 +163,7 @@ def test_torchvision_fcn_weights_give_torchvision_outputs(coco_root: Path, tmp_p
     data = module(coco_root, eval_protocol="torchvision", eval_size=24)
     data.setup("test")
     [batch] = [b for b in data.test_dataloader() if len(b["stem"]) == 2][:1]  # the two 40x56 images in one batch
+    batch = data.on_after_batch_transfer(batch, 0)  # the model's input, as the Trainer makes it
     stem_to_id = {Path(info["file_name"]).stem: image_id for image_id, info in coco.imgs.items()}
     references = [
         reference_eval(Path(path), oracle_mask(coco, stem_to_id[stem]), 24)

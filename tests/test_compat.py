@@ -119,14 +119,14 @@ def test_is_local_path() -> None:
 
 def test_set_ema_average_function() -> None:
     from lightning.pytorch.callbacks import EMAWeightAveraging
-    from torch.optim.swa_utils import get_ema_avg_fn
+    from torch.optim.swa_utils import get_ema_multi_avg_fn
 
     callback = EMAWeightAveraging(decay=0.9)
-    average = get_ema_avg_fn(decay=0.5)
+    average = get_ema_multi_avg_fn(decay=0.5)
     compat.set_ema_average_function(callback, average)
     callback.setup(_trainer(), TinyModule(), "fit")
     averaged = callback._average_model
-    assert averaged.avg_fn is average
+    assert averaged.multi_avg_fn is average and averaged.avg_fn is None
 
 
 def test_unwrap_compiled_and_compiled_calls_disabled() -> None:

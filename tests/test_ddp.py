@@ -20,7 +20,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import COMMON_TRAINER_ARGS, make_image_folder
+from tests.conftest import CLASSIFICATION_RUN as CLASSIFICATION
+from tests.conftest import (
+    COMMON_TRAINER_ARGS,
+    DDP_TIMEOUT_S,
+    clean_environment,
+    make_image_folder,
+    metrics_in,
+)
+from tests.conftest import DETECTION_RUN as DETECTION
+from tests.conftest import SEGMENTATION_RUN as SEGMENTATION
 
 REPO = Path(__file__).resolve().parents[1]
 DDP_TRAINER_ARGS = [
@@ -30,36 +39,7 @@ DDP_TRAINER_ARGS = [
     "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false",
 ]  # fmt: skip
-# A generous bound: a DDP job that loses a rank would otherwise wait for gloo's 30-minute timeout.
-DDP_TIMEOUT_S = 300
 NUM_VAL = 11  # shapes validation images: odd, and not a multiple of the batch size (4)
-
-CLASSIFICATION = [
-    "--config", "configs/classification/imagenet_resnet50.yaml", "--model.backbone.name", "resnet18",
-    "--model.optimizer.lr", "0.01", "--data.crop_size", "32", "--data.resize_size", "36",
-    "--data.batch_size", "4", "--data.num_workers", "0",
-]  # fmt: skip
-DETECTION = [
-    "--config", "configs/quickstart/detection.yaml", "--data.batch_size", "4", "--data.num_workers", "0",
-    "--model.min_size", "64", "--model.max_size", "64", "--model.anchor_sizes", "[[8], [16], [32], [64], [128]]",
-    "--model.rpn_pre_nms_top_n_test", "200", "--model.rpn_post_nms_top_n_test", "100",
-    # An almost untrained detector scores low: keep every box so that the mAPs are not all zero.
-    "--model.box_score_thresh", "0.0", "--model.scheduler.warmup_steps", "0", "--trainer.max_time", "null",
-]  # fmt: skip
-SEGMENTATION = [
-    "--config", "configs/quickstart/segmentation.yaml", "--data.batch_size", "4", "--data.num_workers", "0",
-    "--data.crop_size", "64", "--trainer.check_val_every_n_epoch", "1",
-]  # fmt: skip
-
-
-def clean_environment() -> dict[str, str]:
-    """This environment minus any launcher/cluster variables (Lightning would join that job instead)."""
-    prefixes = ("SLURM_", "TORCHELASTIC_", "PL_", "LSB_", "OMPI_", "PMI_")
-    names = {"LOCAL_RANK", "RANK", "GROUP_RANK", "NODE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
-             "MASTER_PORT", "JSM_NAMESPACE_SIZE"}  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if k not in names and not k.startswith(prefixes)}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
-    return env
 
 
 def run_ddp_plan(steps: list[list[str]], folder: Path) -> str:
@@ -83,12 +63,6 @@ def run_ddp_plan(steps: list[list[str]], folder: Path) -> str:
         pytest.fail(f"DDP job did not finish in {DDP_TIMEOUT_S} s (hang):\n{output[-6000:]}")
     assert process.returncode == 0, output[-8000:]
     return output
-
-
-def metrics_in(root_dir: Path) -> dict[str, float]:
-    """The metrics.json of the single run under `root_dir`."""
-    (path,) = root_dir.glob("lightning_logs/version_*/metrics.json")
-    return json.loads(path.read_text())
 
 
 def per_class_in(root_dir: Path) -> str:

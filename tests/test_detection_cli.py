@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
-from pycocotools.coco import COCO
-from pycocotools.cocoeval import COCOeval
 
-from tests.conftest import ALL_BOXES, COMMON_TRAINER_ARGS, make_tiny_coco, printed_path, read_metrics
+from tests.conftest import ALL_BOXES, COMMON_TRAINER_ARGS, cocoeval_stats, make_tiny_coco, printed_path, read_metrics
 from tests.conftest import DETECTION_QUICKSTART as QUICKSTART
 from tests.conftest import SMALL_DETECTOR as SMALL
 
@@ -47,13 +43,8 @@ LARGE_BOXES = ["--model.anchor_sizes", "[[48], [64], [96], [128], [160]]"]
 
 
 def _cocoeval_map(annotation_file: Path, results_file: Path) -> dict[str, float]:
-    with contextlib.redirect_stdout(io.StringIO()):
-        ground_truth = COCO(str(annotation_file))
-        evaluator = COCOeval(ground_truth, ground_truth.loadRes(str(results_file)), "bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return {"map": float(evaluator.stats[0]), "map_50": float(evaluator.stats[1])}
+    stats = cocoeval_stats(annotation_file, results_file)
+    return {"map": stats[0], "map_50": stats[1]}
 
 
 @pytest.fixture(scope="module")

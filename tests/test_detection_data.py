@@ -49,7 +49,7 @@ def test_val_targets_keep_crowd_empty_images_and_report_fixed_boxes(tiny_coco: P
     assert any("dropped 1 degenerate" in str(w.message) for w in caught)
     dataset = data.dataset("val")
     image, target = dataset[1]  # v1: one object + one crowd region, both kept for evaluation
-    assert image.dtype == torch.float32 and image.shape == (3, 80, 64) and 0 <= image.min() and image.max() <= 1
+    assert image.dtype == torch.uint8 and image.shape == (3, 80, 64)  # pixels / 255 after the transfer
     assert target["boxes"].dtype == torch.float32 and target["labels"].dtype == torch.int64
     assert target["labels"].tolist() == [3, 1] and target["iscrowd"].tolist() == [0, 1]
     assert target["boxes"][0].tolist() == [10, 12, 48, 60]  # XYWH -> XYXY

@@ -14,43 +14,10 @@ from pycocotools.cocoeval import COCOeval
 from resnet_tasks.compat import metric_state_names
 from resnet_tasks.evaluation.detection import COCO_METRIC_NAMES, coco_map_metric
 from resnet_tasks.evaluation.voc import VOCDetectionAP, box_iou_matrix, voc_ap_11_point
+from tests.conftest import random_detection_case
 
 # COCOeval.stats order -> our names
 STATS_NAMES = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100")
-
-
-def _random_case(seed: int) -> tuple[list[dict], list[dict]]:
-    """Images of 300x300 px with small/medium/large objects, crowd regions, empty images and images without
-    detections; coordinates on a 1/4-pixel grid (exact in float32, so both sides see identical numbers)."""
-    rng = np.random.default_rng(seed)
-    targets, preds = [], []
-    for image in range(24):
-        count = 0 if image % 7 == 3 else int(rng.integers(1, 6))
-        sizes = rng.choice([12, 40, 130], size=count) * rng.uniform(0.7, 1.3, size=count)
-        xy = rng.uniform(0, 150, size=(count, 2))
-        boxes = np.concatenate([xy, xy + sizes[:, None] * rng.uniform(0.6, 1.4, size=(count, 2))], axis=1)
-        boxes = np.round(np.clip(boxes, 0, 300) * 4) / 4
-        labels = rng.choice([1, 3, 8], size=count)
-        crowd = (rng.random(count) < 0.15).astype(np.int64)
-        # COCO's area is a segment area: smaller than the box, which moves objects between size buckets.
-        area = np.round((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]) * rng.uniform(0.5, 1.0, count))
-        targets.append({"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-                        "labels": torch.tensor(labels, dtype=torch.int64), "iscrowd": torch.tensor(crowd),
-                        "area": torch.tensor(area, dtype=torch.float32)})  # fmt: skip
-        if image % 5 == 4:  # no detections at all for this image
-            preds.append({"boxes": torch.zeros((0, 4)), "scores": torch.zeros(0),
-                          "labels": torch.zeros(0, dtype=torch.int64)})  # fmt: skip
-            continue
-        jitter = rng.normal(0, 4, size=boxes.shape)
-        det = np.concatenate([boxes + jitter, rng.uniform(0, 200, size=(3, 2)).repeat(2, axis=1) + [0, 0, 30, 30]])
-        det = np.round(np.clip(det, 0, 300) * 4) / 4
-        det[:, 2:] = np.maximum(det[:, 2:], det[:, :2] + 0.25)
-        det_labels = np.concatenate([labels, rng.choice([1, 3, 8, 5], size=3)])  # 5: a class with no ground truth
-        det_labels[rng.random(len(det_labels)) < 0.1] = 3
-        scores = np.round(rng.random(len(det)), 4)
-        preds.append({"boxes": torch.tensor(det, dtype=torch.float32), "labels": torch.tensor(det_labels),
-                      "scores": torch.tensor(scores, dtype=torch.float32)})  # fmt: skip
-    return preds, targets
 
 
 def _cocoeval(preds: list[dict], targets: list[dict]) -> dict[str, float]:
@@ -83,7 +50,7 @@ def _cocoeval(preds: list[dict], targets: list[dict]) -> dict[str, float]:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_coco_map_equals_pycocotools(seed: int) -> None:
-    preds, targets = _random_case(seed)
+    preds, targets = random_detection_case(seed)
     assert any(t["iscrowd"].any() for t in targets) and any(len(t["labels"]) == 0 for t in targets)
     assert any(len(p["labels"]) == 0 for p in preds)
     metric = coco_map_metric()
@@ -154,7 +121,7 @@ def test_voc_iou_on_converted_boxes_equals_devkit_plus_one_iou() -> None:
 
 def test_voc_metric_states_concatenate_like_ddp_ranks() -> None:
     """Two 'ranks' each seeing half of the images, merged, give the single-process answer."""
-    preds, targets = _random_case(3)
+    preds, targets = random_detection_case(3)
     for target in targets:
         target["difficult"] = target.pop("iscrowd").to(torch.uint8)
     whole = VOCDetectionAP()
@@ -180,7 +147,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size)
     try:
-        preds, targets = _random_case(0)
+        preds, targets = random_detection_case(0)
         voc_targets = [dict(t, difficult=t["iscrowd"].to(torch.uint8)) for t in targets]
         shard = slice(0, 17) if rank == 0 else slice(17, None)
         coco, voc = coco_map_metric(), VOCDetectionAP()
@@ -208,7 +175,7 @@ def test_metrics_sync_across_ranks_with_unequal_image_counts(tmp_path) -> None:
     # fork: the children reuse this process's imports (spawn would re-import torch & co. for ~10 s each)
     mp.start_processes(_ddp_worker, args=(2, port, str(out)), nprocs=2, join=True, start_method="fork")
     gathered = torch.load(out)
-    preds, targets = _random_case(0)
+    preds, targets = random_detection_case(0)
     coco, voc = coco_map_metric(), VOCDetectionAP()
     coco.update(preds, targets)
     voc.update(preds, [dict(t, difficult=t["iscrowd"].to(torch.uint8)) for t in targets])

@@ -98,7 +98,7 @@ def test_resnet18_fpn_is_sized_from_the_backbone_and_trains(tiny_coco: Path) -> 
     assert task.model.backbone.fpn.inner_blocks[-1][0].in_channels == 512
     data = CocoDetectionDataModule(root=str(tiny_coco), batch_size=2, num_workers=0)
     data.setup("fit")
-    batch = next(iter(data.train_dataloader()))
+    batch = data.on_after_batch_transfer(next(iter(data.train_dataloader())), 0)  # uint8 -> float, as in fit
     task.train()
     losses = task.training_losses(batch)
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}

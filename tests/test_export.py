@@ -1,6 +1,7 @@
 """`resnet-tasks export`: ONNX files of all three tasks, from a 2-step quickstart checkpoint and from generated
 torchvision-layout weights, run with onnxruntime and compared with PyTorch on image sizes not used at export;
-docs/export.md's inference example, run as written; the one-line errors."""
+a checkpoint exported without its dataset (the preprocessing stored at fit) and one written before checkpoints
+stored it; docs/export.md's inference example, run as written; the one-line errors."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import functools
 import io
 import json
 import re
+import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -28,12 +30,15 @@ from torchvision.models.segmentation.fcn import FCN, FCNHead
 from torchvision.ops import FrozenBatchNorm2d, MultiScaleRoIAlign
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 
-from resnet_tasks import ClassificationTask, DetectionTask, SegmentationTask
+from resnet_tasks import ClassificationTask, DetectionTask, ImageFolderDataModule, SegmentationTask
+from resnet_tasks.data.formats.voc_segmentation import ShapesSegmentationDataModule
 from resnet_tasks.export import ONNX_OPSET, export_onnx
 from resnet_tasks.labels import NO_CATEGORY_ID
-from tests.conftest import COMMON_TRAINER_ARGS, printed_path
+from tests.conftest import COMMON_TRAINER_ARGS, make_image_folder, printed_path
 
 REPO = Path(__file__).resolve().parents[1]
+# A checkpoint written before checkpoints stored the evaluation preprocessing (and before the label space).
+LEGACY_CHECKPOINT = REPO / "tests" / "data" / "segmentation_resnet20_v0.1.ckpt"
 # task -> the layout of the bundled shapes its quickstart config reads
 LAYOUTS = {"classification": "imagefolder", "detection": "coco", "segmentation": "voc"}
 TASK_CLASSES = {"classification": ClassificationTask, "detection": DetectionTask, "segmentation": SegmentationTask}
@@ -279,6 +284,59 @@ def test_torchvision_layout_weights_export_matches_torchvision(
             return found["boxes"].numpy(), found["scores"].numpy(), ids[found["labels"]].numpy()
 
         check_parity(task, path, detect)
+
+
+# ---------------------------------------------------------------------------------------------- without the dataset
+def exported_info(path: Path) -> tuple[dict, dict]:
+    """The ONNX metadata (JSON values decoded) and the sidecar of an exported file."""
+    metadata = {entry.key: entry.value for entry in onnx.load(str(path), load_external_data=False).metadata_props}
+    decoded = {key: value if key == "task" else json.loads(value) for key, value in metadata.items()}
+    return decoded, json.loads(Path(f"{path}.json").read_text())
+
+
+def test_checkpoint_exports_without_its_dataset(run_cli, tmp_path: Path) -> None:
+    """fit stores the data module's evaluation preprocessing in the checkpoint; export reads it there, so the
+    dataset (here moved away after fit) is not needed, and the metadata is what the data module gave. A checkpoint
+    that stores none needs the data module: without its dataset, one line says so."""
+    root = make_image_folder(tmp_path / "folder", per_class=2, size=(24, 28))
+    data_args = ["--data", "resnet_tasks.ImageFolderDataModule", "--data.root", root, "--data.resize_size", "40",
+                 "--data.crop_size", "32", "--data.num_workers", "0", "--data.batch_size", "2"]  # fmt: skip
+    code, _, err = run_cli(
+        "fit", "--config", config("classification"), *data_args, "--model.backbone.name", "resnet20",
+        "--trainer.default_root_dir", tmp_path / "run", *COMMON_TRAINER_ARGS, "--trainer.max_epochs", "1",
+        "--trainer.limit_train_batches", "1", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+    )  # fmt: skip
+    assert code == 0, err
+    expected = ImageFolderDataModule(root=str(root), resize_size=40, crop_size=32).eval_preprocessing()
+    assert (expected["resize"], expected["crop"]) == (40, 32)
+    shutil.move(root, tmp_path / "elsewhere")
+    checkpoint = tmp_path / "run" / "checkpoints" / "last.ckpt"
+    export = ["export", "--config", config("classification"), *data_args, "--out", tmp_path / "model.onnx"]
+    code, out, err = run_cli(*export, "--ckpt_path", checkpoint)
+    assert code == 0, err
+    metadata, info = exported_info(printed_path(out, "model written: "))
+    assert metadata["preprocessing"] == info["preprocessing"] == expected
+    assert metadata["class_names"] == info["class_names"] == ["blue", "green", "red"]
+
+    content = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    del content["resnet_tasks"]["preprocessing"]  # as written before checkpoints stored it
+    torch.save(content, tmp_path / "older.ckpt")
+    code, _, err = run_cli(*export, "--ckpt_path", tmp_path / "older.ckpt")
+    line = one_error_line(code, err)
+    assert f"{tmp_path / 'older.ckpt'} stores none" in line and str(root) in line
+
+
+def test_checkpoint_written_before_it_stored_preprocessing_takes_the_data_modules(run_cli, tmp_path: Path) -> None:
+    """tests/data's checkpoint predates the stored preprocessing: the config's data module gives it (VOC
+    segmentation reads its dataset only when it loads data, so none is needed)."""
+    missing = tmp_path / "missing"
+    code, out, err = run_cli(
+        "export", "--config", config("segmentation"), "--ckpt_path", LEGACY_CHECKPOINT, "--data.root", missing,
+        "--out", tmp_path / "model.onnx",
+    )  # fmt: skip
+    assert code == 0, err
+    metadata, _ = exported_info(printed_path(out, "model written: "))
+    assert metadata["preprocessing"] == ShapesSegmentationDataModule(root=str(missing)).eval_preprocessing()
 
 
 # ------------------------------------------------------------------------------------------------ the docs' example

@@ -47,7 +47,6 @@ CLASS_LAYERS = {
 BACKBONE = {"classification": "backbone.", "detection": "model.backbone.body.", "segmentation": "model.backbone."}
 
 
-# Checkpoints by optimizer step (2 per epoch): step=2 ends epoch 0, step=3 is one step into epoch 1.
 class SigtermAt(L.Callback):
     """Sends this process SIGTERM after optimizer step `step` (as a cluster scheduler would)."""
 
@@ -60,7 +59,7 @@ class SigtermAt(L.Callback):
 
 
 def every_n_steps(steps: int) -> list[str]:
-    """A checkpoint `step=N.ckpt` after every `steps` optimizer steps."""
+    """A checkpoint `step=N.ckpt` after every `steps` optimizer steps (2 per epoch here: step=2 ends epoch 0)."""
     return ["--trainer.callbacks+=ModelCheckpoint", f"--trainer.callbacks.every_n_train_steps={steps}",
             "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.filename={step}"]  # fmt: skip
 
@@ -179,11 +178,6 @@ def test_freeze_keeps_the_backbone_bit_identical(
     assert changed(weights, last, "model.rpn." if task == "detection" else "")  # the head trained
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="GlobalBatchEMA averages as decay x ema + (1 - decay) x value, which moves an unchanged tensor by an ulp "
-    "a third of the time; torch's lerp (swa_utils.get_ema_multi_avg_fn) leaves it as it is (callbacks.py)",
-)
 def test_ema_and_clipping_keep_a_frozen_backbone_bit_identical(
     shapes: Path, other_weights: dict[str, Path], tmp_path: Path, run_cli: Callable
 ) -> None:
@@ -278,7 +272,7 @@ def ranks_fit(root: str, data: str) -> None:
 
 
 def test_two_ddp_ranks_hold_the_same_parameters_after_an_unfreeze(shapes: Path, tmp_path: Path) -> None:
-    from tests.test_ddp import DDP_TIMEOUT_S, clean_environment
+    from tests.conftest import DDP_TIMEOUT_S, clean_environment
 
     command = [sys.executable, "-m", "tests.test_finetune_tasks", str(tmp_path), str(shapes / "imagefolder")]
     done = subprocess.run(command, cwd=REPO, env=clean_environment(), capture_output=True, text=True,
@@ -292,10 +286,5 @@ def test_two_ddp_ranks_hold_the_same_parameters_after_an_unfreeze(shapes: Path, 
     assert any("running_mean" in k and not torch.equal(v, ranks[1][k]) for k, v in ranks[0].items())  # 2 shards
 
 
-def _main(argv: list[str]) -> Any:
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    return ranks_fit(*argv)
-
-
 if __name__ == "__main__":
-    _main(sys.argv[1:])
+    ranks_fit(*sys.argv[1:])

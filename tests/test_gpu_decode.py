@@ -100,7 +100,8 @@ def test_cpu_and_device_paths_draw_the_same_boxes_and_pixels(
     std = torch.tensor(cpu.std).view(1, 3, 1, 1) * 255
     for split in ("train", "val"):
         recorded_boxes.clear()
-        cpu_batches = list(cpu.train_dataloader() if split == "train" else cpu.val_dataloader())
+        cpu_loader = cpu.train_dataloader() if split == "train" else cpu.val_dataloader()
+        cpu_batches = [cpu.on_after_batch_transfer(batch, 0) for batch in cpu_loader]  # uint8 -> normalised
         cpu_calls = list(recorded_boxes)
         recorded_boxes.clear()
         loader = device.train_dataloader() if split == "train" else device.val_dataloader()

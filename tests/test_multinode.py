@@ -30,9 +30,7 @@ import pytest
 import torch
 
 from resnet_tasks.callbacks import INTERRUPTED_CHECKPOINT
-from tests.conftest import COMMON_TRAINER_ARGS
-from tests.test_ddp import clean_environment, metrics_in
-from tests.test_requeue import fake_scontrol
+from tests.conftest import COMMON_TRAINER_ARGS, clean_environment, fake_scontrol, metrics_in
 
 REPO = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 300  # a lost rank would otherwise leave gloo waiting for 30 minutes

@@ -4,8 +4,6 @@ absolute), the one label-space rule, the bad cases, and each form through the CL
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +20,9 @@ from tests.conftest import (
     COMMON_TRAINER_ARGS,
     DETECTION_QUICKSTART,
     SMALL_DETECTOR,
+    cocoeval_stats,
     draw_boxes,
+    fit_one_step_then_evaluate,
     printed_path,
     read_metrics,
 )
@@ -224,42 +224,34 @@ def test_categories_are_read_without_the_annotations(tmp_path: Path, monkeypatch
     assert [entry["name"] for entry in coco_files.read_categories(path)] == ["pets", "cat", "dog"]
 
 
+def test_inspect_counts_negatives_and_the_files_own_ids(tmp_path: Path) -> None:
+    from resnet_tasks.data.inspection import inspect_data
+
+    data = inspect_data(module(make_roboflow_coco(tmp_path / "export"))).to_json()
+    assert [(c["id"], c["name"], c["train"], c["val"]) for c in data["classes"]] == [(1, "cat", 3, 3), (2, "dog", 3, 3)]
+    assert data["splits"]["train"]["negatives"] == 1 and data["splits"]["train"]["images"] == 5
+    assert data["problems"] == [] and set(data["splits"]) == {"train", "val"}  # test is val: listed once
+    held_out = inspect_data(module(make_cvat_coco(tmp_path / "cvat"))).to_json()["splits"]
+    assert held_out["train"]["images"] + held_out["val"]["images"] == 8 and held_out["train"]["negatives"] == 1
+
+
 # ----------------------------------------------------------------------------------------------- the CLI
 def cocoeval_map(annotation_file: Path, results_file: Path, tmp_path: Path) -> float:
     """pycocotools' mAP of `results_file` on `annotation_file`, its annotation ids renumbered from 1: COCOeval marks
     a ground-truth box as matched by its annotation id, so one whose id is 0 (Roboflow numbers from 0) never counts
     as found there; the ids mean nothing else to the metric."""
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-
     data = json.loads(annotation_file.read_text())
     for number, annotation in enumerate(data["annotations"], start=1):
         annotation["id"] = number
     renumbered = tmp_path / f"renumbered_{annotation_file.parent.name}_{annotation_file.name}"
     renumbered.write_text(json.dumps(data))
-    with contextlib.redirect_stdout(io.StringIO()):
-        ground_truth = COCO(str(renumbered))
-        evaluator = COCOeval(ground_truth, ground_truth.loadRes(str(results_file)), "bbox")
-        evaluator.evaluate()
-        evaluator.accumulate()
-        evaluator.summarize()
-    return float(evaluator.stats[0])
+    return cocoeval_stats(renumbered, results_file)[0]
 
 
 def fit_then_evaluate(run_cli: Callable, data: list[str], tmp_path: Path) -> dict[str, str]:
-    """`fit` one step, then `validate`, `test` and `predict` from its checkpoint; the output of each."""
-    data = ["--config", DETECTION_QUICKSTART, "--data", "resnet_tasks.CocoDetectionDataModule", *data, *CLI]
-    code, out, err = run_cli("fit", *data, "--trainer.max_steps", "1", "--trainer.max_epochs", "1",
-                             "--trainer.check_val_every_n_epoch", "1", "--trainer.default_root_dir",
-                             str(tmp_path / "fit"))  # fmt: skip
-    assert code == 0, err
-    outputs = {"fit": out}
-    weights = ["--model.weights", str(next((tmp_path / "fit").rglob("last.ckpt")))]
-    for command in ("validate", "test", "predict"):
-        code, out, err = run_cli(command, *data, *weights, "--trainer.default_root_dir", str(tmp_path / command))
-        assert code == 0, err
-        outputs[command] = out
-    return outputs
+    """`fit` one step on the COCO data `data` names, then `validate`, `test` and `predict`; the output of each."""
+    args = ["--config", DETECTION_QUICKSTART, "--data", "resnet_tasks.CocoDetectionDataModule", *data, *CLI]
+    return fit_one_step_then_evaluate(run_cli, args, tmp_path)
 
 
 def test_roboflow_export_through_the_cli_equals_pycocotools(run_cli: Callable, tmp_path: Path) -> None:
@@ -267,6 +259,9 @@ def test_roboflow_export_through_the_cli_equals_pycocotools(run_cli: Callable, t
     out = fit_then_evaluate(run_cli, ["--data.root", str(root)], tmp_path)
     assert "not a class" in out["fit"] and "no test split" in out["test"]
     assert "no test split" not in out["fit"]  # fit builds no test loader (not even to print the data module)
+    assert (
+        out["fit"].count("COCO data: Roboflow layout") == 1 and out["fit"].count("train/_annotations.coco.json:") == 1
+    )
     metrics = read_metrics(out["test"])
     predictions = printed_path(out["predict"], "predictions written: ")
     results = json.loads(predictions.read_text())

@@ -20,6 +20,7 @@ from tests.conftest import (
     DETECTION_QUICKSTART,
     SMALL_DETECTOR,
     draw_boxes,
+    fit_one_step_then_evaluate,
     printed_path,
     read_metrics,
 )
@@ -172,22 +173,20 @@ def test_size_missing_from_the_xml_is_read_from_the_image(tmp_path: Path) -> Non
     assert np.all(annotations.clipped_per_image == 0)
 
 
+def test_inspect_counts_negatives_and_objects_without_parts(tmp_path: Path) -> None:
+    from resnet_tasks.data.inspection import inspect_data
+
+    data = inspect_data(module(make_labelimg(tmp_path / "labelimg", image_sets=True))).to_json()
+    assert [(c["id"], c["name"], c["train"], c["val"]) for c in data["classes"]] == [(1, "cat", 3, 3), (2, "dog", 4, 3)]
+    assert data["splits"]["train"]["negatives"] == 1 and data["problems"] == []
+
+
 # ----------------------------------------------------------------------------------------------- the CLI
 def fit_then_evaluate(run_cli: Callable, root: Path, tmp_path: Path, *extra: str) -> dict[str, str]:
-    """`fit` one step, then `validate`, `test` and `predict` from its checkpoint; the output of each."""
-    data = ["--config", DETECTION_QUICKSTART, "--data", "resnet_tasks.VOCDetectionDataModule", "--data.root",
+    """`fit` one step on the VOC data at `root`, then `validate`, `test` and `predict`; the output of each."""
+    args = ["--config", DETECTION_QUICKSTART, "--data", "resnet_tasks.VOCDetectionDataModule", "--data.root",
             str(root), *extra, *CLI]  # fmt: skip
-    code, out, err = run_cli("fit", *data, "--trainer.max_steps", "1", "--trainer.max_epochs", "1",
-                             "--trainer.check_val_every_n_epoch", "1", "--trainer.default_root_dir",
-                             str(tmp_path / "fit"))  # fmt: skip
-    assert code == 0, err
-    outputs = {"fit": out}
-    weights = ["--model.weights", str(next((tmp_path / "fit").rglob("last.ckpt")))]
-    for command in ("validate", "test", "predict"):
-        code, out, err = run_cli(command, *data, *weights, "--trainer.default_root_dir", str(tmp_path / command))
-        assert code == 0, err
-        outputs[command] = out
-    return outputs
+    return fit_one_step_then_evaluate(run_cli, args, tmp_path)
 
 
 def predictions(out: str) -> list[dict]:

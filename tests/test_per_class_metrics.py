@@ -18,7 +18,7 @@ from resnet_tasks.evaluation.detection import coco_backend, coco_map_metric, per
 from resnet_tasks.evaluation.gallery import GalleryItem, GalleryKeeper
 from resnet_tasks.evaluation.segmentation import SegmentationMetrics
 from resnet_tasks.evaluation.summary import confusion_table
-from tests.test_detection_metrics import _random_case
+from tests.conftest import random_detection_case
 
 CATEGORIES = (1, 3, 5, 8)
 
@@ -60,7 +60,7 @@ def _category_means(precision: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("seed", [0, 1])
 def test_per_class_ap_equals_pycocotools_per_category(seed: int) -> None:
-    preds, targets = _random_case(seed)
+    preds, targets = random_detection_case(seed)
     metric = coco_map_metric()
     metric.update(preds, targets)
     results = metric.compute()
@@ -204,7 +204,7 @@ def test_gallery_keeper_keeps_first_and_worst_and_copies_only_what_it_keeps() ->
 def test_voc_per_class_ap_is_what_the_voc_means_average() -> None:
     from resnet_tasks.evaluation.voc import VOCDetectionAP
 
-    preds, targets = _random_case(0)
+    preds, targets = random_detection_case(0)
     metric = VOCDetectionAP()
     metric.update(preds, [dict(t, difficult=t["iscrowd"].to(torch.uint8)) for t in targets])
     result = metric.compute()

@@ -13,8 +13,10 @@ import torch
 
 from resnet_tasks.tasks.base import TaskBase
 from resnet_tasks.tasks.detection import DetectionTask
+from tests.conftest import CLASSIFICATION_RUN as CLASSIFICATION
 from tests.conftest import COMMON_TRAINER_ARGS, make_image_folder, read_metrics
-from tests.test_ddp import CLASSIFICATION, DETECTION, SEGMENTATION
+from tests.conftest import DETECTION_RUN as DETECTION
+from tests.conftest import SEGMENTATION_RUN as SEGMENTATION
 
 BF16 = ["--trainer.precision", "bf16-mixed", "--trainer.log_every_n_steps", "1", "--trainer.num_sanity_val_steps", "0"]
 

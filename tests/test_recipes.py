@@ -100,13 +100,15 @@ def test_trivial_augment_and_random_erasing_are_seeded_per_sample() -> None:
     augmented = imagenet_train_transform(32, (0.5, 1.0), trivial_augment=True)
     erased = imagenet_train_transform(32, (0.5, 1.0), random_erase=1.0)
     state = torch.get_rng_state()
-    assert torch.equal(augmented(image, seed=7), augmented(image, seed=7))
+    assert torch.equal(augmented(image, seed=7)["image"], augmented(image, seed=7)["image"])
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG stream is untouched
-    differs = [not torch.equal(plain(image, seed=s), augmented(image, seed=s)) for s in range(8)]
+    differs = [not torch.equal(plain(image, seed=s)["image"], augmented(image, seed=s)["image"]) for s in range(8)]
     assert any(differs)  # TrivialAugment changes pixels (its identity op may leave a few seeds alike)
-    out = erased(image, seed=3)
-    assert out.shape == (3, 32, 32) and (out == 0).all(dim=0).sum() > 0  # an erased (zero) rectangle
-    assert not (plain(image, seed=3) == 0).all(dim=0).any()
+    item = erased(image, seed=3)  # uint8 pixels and the rectangle erased after normalisation, on the device
+    assert item["image"].shape == (3, 32, 32) and item["image"].dtype == torch.uint8
+    top, left, height, width = item["erase"].tolist()
+    assert height > 0 and width > 0 and top + height <= 32 and left + width <= 32
+    assert torch.equal(erased(image, seed=3)["erase"], item["erase"]) and "erase" not in plain(image, seed=3)
 
 
 def test_v2_recipe_keys_reach_the_data_module(image_folder) -> None:

@@ -10,22 +10,11 @@ import pytest
 import torch
 import torchvision
 
-from tests.conftest import COMMON_TRAINER_ARGS, make_image_folder, read_metrics
+from tests.conftest import COMMON_TRAINER_ARGS, assert_one_clear_error, make_image_folder, read_metrics
 
 CONFIG = "configs/classification/imagenet_resnet50.yaml"
 SMALL = ["--data.crop_size", "32", "--data.resize_size", "36", "--data.batch_size", "8", "--data.num_workers", "0",
          "--model.backbone.name", "resnet18", "--model.optimizer.lr", "0.01"]  # fmt: skip
-
-
-def assert_one_clear_error(code: int, err: str, *must_contain: str) -> str:
-    """Exit 2, exactly one `error:` line containing every fragment, and no traceback."""
-    assert code == 2, err
-    assert "Traceback" not in err, err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    for fragment in must_contain:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
 
 
 def _truncate(path: Path) -> None:

@@ -9,8 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import stat
-from collections.abc import Iterator
 from pathlib import Path
 
 import lightning as L
@@ -19,6 +17,9 @@ import torch
 
 from resnet_tasks.callbacks import INTERRUPTED_CHECKPOINT
 from resnet_tasks.lightning_cli import ResNetTasksCLI, import_components
+from tests.conftest import fake_scontrol
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 JOB_ID = "4242"
 STEPS = 5
@@ -36,15 +37,6 @@ ARGS = [
 ]  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Iterator[None]:
-    """Tiny models run no faster on 2 threads, and on a busy machine 2 threads spin-wait for each other (4x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 class SignalAt(L.Callback):
     """Sends this process `signum` after optimizer step `step`, or during the validation after it (as SLURM would,
     at any moment)."""
@@ -59,16 +51,6 @@ class SignalAt(L.Callback):
     def on_validation_batch_end(self, trainer: L.Trainer, *args: object, **kwargs: object) -> None:
         if trainer.global_step == self.step and self.during_validation and trainer.state.fn == "fit":
             os.kill(os.getpid(), self.signum)
-
-
-def fake_scontrol(folder: Path) -> Path:
-    """An `scontrol` that appends its arguments to `folder/scontrol.log`; returns that log's path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    log = folder / "scontrol.log"
-    script = folder / "scontrol"
-    script.write_text(f'#!/bin/sh\necho "$@" >> "{log}"\n')
-    script.chmod(script.stat().st_mode | stat.S_IEXEC)
-    return log
 
 
 def slurm_environment(monkeypatch: pytest.MonkeyPatch, bin_dir: Path, restart_count: int = 0) -> None:

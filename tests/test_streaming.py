@@ -21,8 +21,7 @@ from resnet_tasks.data.classification import ImageFolderDataModule  # noqa: E402
 from resnet_tasks.data.formats.coco import CocoDetectionDataModule  # noqa: E402
 from resnet_tasks.data.streaming import StreamingClassificationDataModule, StreamingDetectionDataModule  # noqa: E402
 from resnet_tasks.lightning_cli import ResNetTasksCLI, import_components  # noqa: E402
-from tests.conftest import COMMON_TRAINER_ARGS, make_image_folder, read_metrics  # noqa: E402
-from tests.test_resume import SigtermAt  # noqa: E402
+from tests.conftest import COMMON_TRAINER_ARGS, make_image_folder, read_metrics, sigterm_at  # noqa: E402
 
 # 27 training images, batch 4: LitData's epoch is 24 samples on 1 rank, 2 x 12 on 2 ranks (3 left out).
 CLASSIFICATION = {"crop_size": 32, "resize_size": 36, "batch_size": 4, "num_workers": 1}
@@ -147,7 +146,7 @@ def test_resume_continues_the_stream_exactly(
     """Stopped by SIGTERM, then resumed: the same batches (2 LitData workers) and bitwise the same weights."""
     L.seed_everything(0)
     stopped = _cli(folders[1], tmp_path / "stopped")
-    stopped.trainer.callbacks.append(SigtermAt(stop_at))
+    stopped.trainer.callbacks.append(sigterm_at(stop_at))
     with pytest.raises(SystemExit):
         stopped.trainer.fit(stopped.model, stopped.datamodule)
     checkpoint = next((tmp_path / "stopped").rglob(INTERRUPTED_CHECKPOINT))

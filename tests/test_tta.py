@@ -14,7 +14,8 @@ from resnet_tasks.tasks.detection import DetectionTask
 from resnet_tasks.tasks.segmentation import SegmentationTask
 from resnet_tasks.tasks.tta import classification_logits, detection_flip, mirror_boxes, segmentation_logits
 from tests.conftest import COMMON_TRAINER_ARGS, read_metrics
-from tests.test_ddp import DETECTION, SEGMENTATION
+from tests.conftest import DETECTION_RUN as DETECTION
+from tests.conftest import SEGMENTATION_RUN as SEGMENTATION
 
 
 @pytest.fixture(scope="module")

@@ -52,58 +52,30 @@ def _specs() -> dict[str, BackboneSpec]:
     }
     for depth, (block, layers) in imagenet.items():
         specs.append(BackboneSpec(f"resnet{depth}", block, layers))
-    specs += [
-        BackboneSpec(
-            "resnext50_32x4d",
-            "bottleneck",
-            (3, 4, 6, 3),
-            groups=32,
-            width_per_group=4,
-        ),
-        BackboneSpec(
-            "resnext101_32x8d",
-            "bottleneck",
-            (3, 4, 23, 3),
-            groups=32,
-            width_per_group=8,
-        ),
-        BackboneSpec(
-            "resnext101_64x4d",
-            "bottleneck",
-            (3, 4, 23, 3),
-            groups=64,
-            width_per_group=4,
-        ),
-        BackboneSpec(
-            "wide_resnet50_2",
-            "bottleneck",
-            (3, 4, 6, 3),
-            width_per_group=128,
-        ),
-        BackboneSpec(
-            "wide_resnet101_2",
-            "bottleneck",
-            (3, 4, 23, 3),
-            width_per_group=128,
-        ),
-    ]
+    # ResNeXt and Wide ResNets: (name, the ImageNet depth whose layers they take, groups, width per group).
+    for name, depth, groups, width_per_group in (
+        ("resnext50_32x4d", 50, 32, 4),
+        ("resnext101_32x8d", 101, 32, 8),
+        ("resnext101_64x4d", 101, 64, 4),
+        ("wide_resnet50_2", 50, 1, 128),
+        ("wide_resnet101_2", 101, 1, 128),
+    ):
+        specs.append(
+            BackboneSpec(name, "bottleneck", imagenet[depth][1], groups=groups, width_per_group=width_per_group)
+        )
     for depth, (block, layers) in imagenet.items():
         specs.append(BackboneSpec(f"resnet{depth}_v2", f"preact_{block}", layers))
     # CIFAR nets of He et al. 2015, section 4.2: 6n+2 layers, option-A shortcuts.
     for depth in (20, 32, 44, 56, 110, 1202):
         n = (depth - 2) // 6
         specs.append(
-            BackboneSpec(
-                f"resnet{depth}", "basic", (n, n, n), stem="cifar", widths=CIFAR_WIDTHS, shortcut_type="A"
-            )
+            BackboneSpec(f"resnet{depth}", "basic", (n, n, n), stem="cifar", widths=CIFAR_WIDTHS, shortcut_type="A")
         )
     # Pre-activation CIFAR bottleneck nets of He et al. 2016: 9n+2 layers, projection shortcuts.
     for depth in (164, 1001):
         n = (depth - 2) // 9
         specs.append(
-            BackboneSpec(
-                f"resnet{depth}_v2", "preact_bottleneck", (n, n, n), stem="cifar", widths=CIFAR_WIDTHS
-            )
+            BackboneSpec(f"resnet{depth}_v2", "preact_bottleneck", (n, n, n), stem="cifar", widths=CIFAR_WIDTHS)
         )
     by_name = {spec.name: spec for spec in specs}
     # The "plain" counterparts of the paper: same layers, no shortcut additions.
@@ -243,9 +215,7 @@ def layout_hint(state_dict: Mapping[str, Any]) -> str:
         for key in shapes:
             if key.endswith("layer1.0.conv1.weight"):
                 prefix = key[: -len("layer1.0.conv1.weight")]
-                guess = guess_backbone(
-                    {k[len(prefix) :]: s for k, s in shapes.items() if k.startswith(prefix)}
-                )
+                guess = guess_backbone({k[len(prefix) :]: s for k, s in shapes.items() if k.startswith(prefix)})
                 break
     return f"; the file looks like {guess} weights" if guess else ""
 

@@ -15,19 +15,10 @@ from torchvision.ops import FrozenBatchNorm2d
 
 from ..compat import batch_norm_base
 from ..errors import UserError
-from .blocks import (
-    BLOCKS,
-    NormFactory,
-    ZeroPadShortcut,
-    conv1x1,
-    conv3x3,
-    is_preact,
-)
+from .blocks import NormFactory, ResidualBlock, ZeroPadShortcut, conv1x1, conv3x3, is_preact
 from .weights import LoadReport
 
 NORMS = ("bn", "frozen_bn", "sync_bn", "gn")
-# Every residual block has zero_init_last() (timm's protocol): zero_init_residual calls it.
-RESIDUAL_BLOCKS = tuple(BLOCKS.values())
 
 
 def group_norm(num_channels: int, groups: int = 32) -> nn.GroupNorm:
@@ -76,9 +67,7 @@ class ResNetBackbone(nn.Module):
         if len(widths) != len(layers):
             raise ValueError("widths and layers must have the same length")
         if shortcut_type not in ("A", "B"):
-            raise ValueError(
-                f"shortcut_type must be 'A' (zero padding) or 'B' (projection), got {shortcut_type!r}"
-            )
+            raise ValueError(f"shortcut_type must be 'A' (zero padding) or 'B' (projection), got {shortcut_type!r}")
         if zero_init_residual and not shortcut:
             raise UserError(
                 "zero_init_residual=True with shortcut=False would make every block output zero; "
@@ -120,9 +109,7 @@ class ResNetBackbone(nn.Module):
         channels: OrderedDict[str, int] = OrderedDict()
         strides: OrderedDict[str, int] = OrderedDict()
         current_stride = stem_stride
-        for index, (name, planes, depth, stride) in enumerate(
-            zip(self.stage_names, widths, layers, stage_strides)
-        ):
+        for index, (name, planes, depth, stride) in enumerate(zip(self.stage_names, widths, layers, stage_strides)):
             layer = self._make_layer(block, planes, depth, stride=stride, dilate=dilate[index])
             self.add_module(name, layer)
             if not dilate[index]:
@@ -146,9 +133,7 @@ class ResNetBackbone(nn.Module):
         self.freeze(frozen_stages)
 
     @staticmethod
-    def _dilated_stages(
-        output_stride: int, stem_stride: int, stage_strides: list[int], stem: str
-    ) -> list[bool]:
+    def _dilated_stages(output_stride: int, stem_stride: int, stage_strides: list[int], stem: str) -> list[bool]:
         """Which stages trade their stride for dilation (torchvision's ``replace_stride_with_dilation``)."""
         native = stem_stride
         for s in stage_strides:
@@ -174,9 +159,7 @@ class ResNetBackbone(nn.Module):
             current //= stage_strides[index]
         return dilate
 
-    def _make_layer(
-        self, block: type[nn.Module], planes: int, blocks: int, stride: int, dilate: bool
-    ) -> nn.Sequential:
+    def _make_layer(self, block: type[nn.Module], planes: int, blocks: int, stride: int, dilate: bool) -> nn.Sequential:
         expansion: int = block.expansion  # type: ignore[attr-defined]
         previous_dilation = self.dilation
         if dilate:
@@ -191,9 +174,7 @@ class ResNetBackbone(nn.Module):
                 # The input is already normalised by the block's pre-activation: a bare projection.
                 downsample = nn.Sequential(conv1x1(self.inplanes, out_channels, stride))
             else:
-                downsample = nn.Sequential(
-                    conv1x1(self.inplanes, out_channels, stride), self._norm_layer(out_channels)
-                )
+                downsample = nn.Sequential(conv1x1(self.inplanes, out_channels, stride), self._norm_layer(out_channels))
         common = dict(
             groups=self.groups,
             base_width=self.base_width,
@@ -217,8 +198,8 @@ class ResNetBackbone(nn.Module):
         if zero_init_residual:
             # Each residual branch starts at zero, so every block starts as the identity (Goyal et al. 2017).
             for module in self.modules():
-                if isinstance(module, RESIDUAL_BLOCKS):
-                    module.zero_init_last()
+                if isinstance(module, ResidualBlock):
+                    module.zero_init_last()  # timm's protocol: each block zeroes the end of its own branch
 
     def frozen_modules(self) -> list[nn.Module]:
         """The stem and the first ``frozen_stages`` stages (and the final norm when all stages are frozen)."""

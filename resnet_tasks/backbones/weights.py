@@ -74,9 +74,7 @@ class LoadReport:
             shown = [f"{k} (file {list(a)} vs model {list(b)})" for k, a, b in self.shape_mismatched]
             lines.append(f"  shape mismatch: {some(shown)}")
         if self.unexpected:
-            lines.append(
-                f"  ignored (not in the {self.what}, e.g. a classifier head): {some(self.unexpected)}"
-            )
+            lines.append(f"  ignored (not in the {self.what}, e.g. a classifier head): {some(self.unexpected)}")
         return "\n".join(lines)
 
 

@@ -20,7 +20,7 @@ from resnet_tasks.data.sampling import (
     worker_init,
 )
 from resnet_tasks.data.skipping import BatchWithSkips, CollateReadableItems, MarkUnreadableItems
-from resnet_tasks.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from resnet_tasks.data.transforms import IMAGENET_MEAN, IMAGENET_STD, model_input
 from resnet_tasks.errors import UserError
 from resnet_tasks.labels import LabelSpace
 
@@ -193,6 +193,27 @@ class BaseDataModule(L.LightningDataModule):
             generator=torch.Generator().manual_seed(self.seed),
             **sampling,
         )
+
+    # ------------------------------------------------------------------ the model's input, on the device
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Items cross the workers with uint8 images (a quarter of float32's bytes); the moved batch becomes the
+        model's input here, on its device (`to_model_input`)."""
+        return self.to_model_input(batch)
+
+    def to_model_input(self, batch: Any) -> Any:
+        """A moved batch {"image": uint8 (N, C, H, W), ...} as the model takes it: float, normalised with the module's
+        `mean`/`std` (ImageNet's when it has none), random erasing and padding applied, in the model's memory format
+        (`resnet_tasks.data.transforms.model_input`). A module whose batches differ overrides it (detection)."""
+        if not isinstance(batch, dict):
+            return batch
+        mean = getattr(self, "mean", None) or IMAGENET_MEAN
+        std = getattr(self, "std", None) or IMAGENET_STD
+        return model_input(batch, mean, std, channels_last=self.model_channels_last())
+
+    def model_channels_last(self) -> bool:
+        """Whether the model this module feeds takes NHWC batches (its `channels_last`; False without a Trainer)."""
+        model = self.trainer.lightning_module if self.trainer is not None else None
+        return bool(getattr(model, "channels_last", False))
 
     # ------------------------------------------------------------------ skipped images and resuming
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

@@ -59,7 +59,7 @@ class ImageListDataset(Dataset):
         index, seed = item_and_seed(item)
         image = read_image(os.fsdecode(self.paths[index]))
         return {
-            "image": self.transform(image, seed),
+            **self.transform(image, seed),  # "image" uint8 CHW (+ "erase": random erasing's box)
             "label": int(self.labels[index]),
             "name": self.names[index].decode(),
         }
@@ -218,8 +218,6 @@ class ImageFolderDataModule(BaseDataModule):
             self.crop_size,
             self.train_scale,
             self.hflip,
-            mean=self.mean,
-            std=self.std,
             trivial_augment=self.auto_augment == "ta_wide",
             random_erase=self.random_erase,
         )
@@ -231,7 +229,7 @@ class ImageFolderDataModule(BaseDataModule):
         return super().train_sampler(dataset_len)
 
     def eval_transform(self) -> Callable:
-        return imagenet_eval_transform(self.eval_crop_size, self.resize_size, self.mean, self.std)
+        return imagenet_eval_transform(self.eval_crop_size, self.resize_size)
 
     def image_list(self, files: list[Path], labels: list[int], root: Path, train: bool) -> ImageListDataset:
         """The dataset of `files` with their `labels`: decoded and transformed in the workers, or read undecoded
@@ -292,17 +290,18 @@ class ImageFolderDataModule(BaseDataModule):
         return {**super().eval_preprocessing(), **resize, "output": CLASSIFICATION_OUTPUT}
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Device decode path: decode and augment the moved batch on its device.
+        """Device decode path: decode and augment the moved batch on its device (else the uint8 images become the
+        model's input: `BaseDataModule.to_model_input`).
 
         A corrupt image is skipped and counted in training, as on the CPU path (`take_skip_report`); in
         evaluation it stops the run with an error naming the file.
         """
         if not isinstance(batch, dict) or not isinstance(batch.get("image"), EncodedImages):
-            return batch
+            return super().on_after_batch_transfer(batch, dataloader_idx)
         assert self.device_pipeline is not None
         encoded: EncodedImages = batch["image"]
         labels: torch.Tensor = batch["label"]
-        images, failures = self.device_pipeline(encoded, labels.device)
+        images, failures = self.device_pipeline(encoded, labels.device, self.model_channels_last())
         if not failures:
             return {**batch, "image": images}
         if encoded.seeds is None:

@@ -24,7 +24,7 @@ from resnet_tasks.data.sampling import (
     item_and_seed,
 )
 from resnet_tasks.data.splitting import choose_val_fraction, hold_out, save_val_split, tell
-from resnet_tasks.data.transforms import detection_train_transform
+from resnet_tasks.data.transforms import detection_train_transform, unit_range_images
 from resnet_tasks.errors import UserError
 from resnet_tasks.labels import LabelSpace
 
@@ -114,8 +114,8 @@ class DetectionDataset(Dataset):
             "image_key": ann.result_image_id(index),
             "file_name": ann.file_name(index),
         }
-        # Pixels in [0, 1]: the detector normalises with its own statistics.
-        return image_to_tensor(image, as_float=True), target
+        # uint8 across the workers; pixels / 255 on the device (`DetectionDataModule.to_model_input`).
+        return image_to_tensor(image), target
 
 
 class ImageFolderDetectionDataset(Dataset):
@@ -141,7 +141,7 @@ class ImageFolderDetectionDataset(Dataset):
             "image_key": path.stem,
             "file_name": path.name,
         }
-        return image_to_tensor(image, as_float=True), target
+        return image_to_tensor(image), target
 
 
 # ----------------------------------------------------------------------------------------------- data modules
@@ -304,6 +304,14 @@ class DetectionDataModule(BaseDataModule):
         annotations = dataset.annotations  # type: ignore[attr-defined]
         groups = aspect_ratio_groups(annotations.widths, annotations.heights, self.aspect_ratio_group_factor)
         return AspectRatioBatchSampler(self.train_sampler(len(dataset)), groups, self.batch_size)  # type: ignore[arg-type]
+
+    def to_model_input(self, batch: Any) -> Any:
+        """(uint8 images, targets) moved to the device -> (float32 images in [0, 1], targets): the detector resizes
+        and normalises with its own statistics."""
+        if batch is None:
+            return None
+        images, targets = batch
+        return unit_range_images(images), targets
 
     def eval_preprocessing(self) -> dict[str, Any]:
         """Images as they are: the detector resizes (`model_resize`, the model's setting) and normalises itself."""

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from resnet_tasks.data.io import EXIF_ORIENTATION_TAG, image_to_tensor, jpeg_state, read_image, read_image_bytes
-from resnet_tasks.data.transforms import ResizedCropSampler
+from resnet_tasks.data.transforms import ResizedCropSampler, normalize_pixels_
 
 
 def read_encoded(path: str | Path) -> torch.Tensor:
@@ -150,15 +150,19 @@ class DeviceImagePipeline:
         self.resize_size = resize_size
         self.eval_crop_size = eval_crop_size
         self.sampler = sampler
-        self.mean = tuple(255.0 * m for m in mean)
-        self.std = tuple(255.0 * s for s in std)
+        self.mean = tuple(mean)
+        self.std = tuple(std)
 
-    def __call__(self, encoded: EncodedImages, device: torch.device) -> tuple[torch.Tensor, dict[int, str]]:
-        """The normalised (N', 3, S, S) float batch of the decodable images (in order) and the failures by position."""
+    def __call__(
+        self, encoded: EncodedImages, device: torch.device, channels_last: bool = False
+    ) -> tuple[torch.Tensor, dict[int, str]]:
+        """The normalised (N', 3, S, S) float batch of the decodable images (in order; NHWC in memory with
+        `channels_last`, the model's layout) and the failures by position."""
         images, failures = decode_batch(encoded, device)
         size = self.crop_size if encoded.seeds is not None else self.eval_crop_size
         kept = [i for i in range(len(images)) if i not in failures]
-        out = torch.empty((len(kept), 3, size, size), dtype=torch.float32, device=device)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        out = torch.empty((len(kept), 3, size, size), dtype=torch.float32, device=device, memory_format=layout)
         for row, i in enumerate(kept):
             image = images[i]
             assert image is not None
@@ -174,6 +178,4 @@ class DeviceImagePipeline:
                 new_h, new_w = max(1, round(height * scale)), max(1, round(width * scale))
                 top, left = (new_h - size) // 2, (new_w - size) // 2
                 out[row] = _resize(image, new_h, new_w)[:, top : top + size, left : left + size]
-        mean = torch.tensor(self.mean, device=device).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=device).view(1, 3, 1, 1)
-        return out.sub_(mean).div_(std), failures
+        return normalize_pixels_(out, self.mean, self.std), failures

@@ -69,8 +69,9 @@ def evaluation_item(transform: A.Compose, image: np.ndarray, mask: np.ndarray | 
 class SegmentationDataset(Dataset):
     """Images with optional label maps (PNG or SBD .mat), checked on read, in train or eval form.
 
-    Train items: {"image": (3,h,w) float, "mask": (h,w) uint8}. Eval items add "size" (original H, W),
-    "input_size" (network input h, w), "stem" and "path"; their mask stays at the original size.
+    Train items: {"image": (3,h,w) uint8 (normalised after the transfer), "mask": (h,w) uint8}. Eval items add
+    "size" (original H, W), "input_size" (network input h, w), "stem" and "path"; their mask stays at the original
+    size.
     Paths are kept in numpy string arrays (no per-item Python objects for workers to copy on read).
     """
 
@@ -148,7 +149,8 @@ def collate_train(items: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
 
 
 def collate_eval(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Batch images of any size: pad images with 0 (the mean after normalisation), masks with 255.
+    """Batch images of any size: pad images with 0 (0 after normalisation, the mean: `model_input` zeroes what lies
+    beyond "input_size"), masks with 255.
 
     "input_size" and "size" keep each image's valid region. `SizeGroupedEvalBatchSampler` batches only images of
     one original size, so with it nothing is ever padded (padding would let the network see the padded
@@ -210,10 +212,10 @@ class SegmentationDataModule(BaseDataModule):
         raise NotImplementedError(f"{type(self).__name__} must implement split_dataset()")
 
     def train_transform(self) -> A.Compose:
-        return segmentation_train_transform(self.crop_size, self.scale_range, self.hflip, self.mean, self.std)
+        return segmentation_train_transform(self.crop_size, self.scale_range, self.hflip)
 
     def eval_transform(self) -> A.Compose:
-        return segmentation_eval_transform(self.eval_size, self.mean, self.std)
+        return segmentation_eval_transform(self.eval_size)
 
     def files_dataset(self, images: Sequence[Path], masks: Sequence[Path] | None, train: bool) -> SegmentationDataset:
         """A dataset of image files and their mask files (None: images only), in training or evaluation form."""

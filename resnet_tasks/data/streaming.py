@@ -72,7 +72,8 @@ class ClassificationItem:
         self.transform = transform
 
     def __call__(self, image: np.ndarray, sample: dict[str, Any], seed: int | None) -> dict[str, Any]:
-        return {"image": self.transform(image, seed), "label": int(sample["label"]), "name": str(sample["name"])}
+        # "image" uint8 CHW (+ "erase": random erasing's box), made the model's input after the transfer.
+        return {**self.transform(image, seed), "label": int(sample["label"]), "name": str(sample["name"])}
 
 
 class DetectionItem:

@@ -1,11 +1,13 @@
 """The albumentations presets of the three tasks (classification's ImageNet and CIFAR recipes, detection's flip and
-large-scale jitter, segmentation's scaled crops) and the normalisation constants."""
+large-scale jitter, segmentation's scaled crops), which keep images uint8, the normalisation constants, and what
+makes the model's input from a batch after its transfer to the device (`model_input`, `unit_range_images`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import albumentations as A
@@ -102,54 +104,64 @@ class SeededResizedCrop:
 
 
 class AlbumentationsTransform:
-    """An albumentations pipeline applied to an RGB uint8 array, returning a normalised CHW float tensor.
+    """An albumentations pipeline applied to an RGB uint8 array, giving the item's {"image": CHW uint8 tensor}.
 
     Optionally a `SeededResizedCrop` before the albumentations steps, torchvision's TrivialAugment (wide) on the
-    uint8 image after the spatial steps and random erasing on the normalised tensor (the ImageNet V2 recipe's
-    pieces); with a `seed`, every random choice (the crop's, albumentations' and torch's) is a function of it, and
-    the caller's torch RNG stream is left untouched.
+    uint8 image after the spatial steps, and random erasing (the ImageNet V2 recipe's pieces). Erasing acts on the
+    normalised image, which exists only after the transfer (`model_input`): here its box is drawn as torchvision's
+    `RandomErasing` draws it and travels as the item's "erase" (`erase_box`). With a `seed`, every random choice
+    (the crop's, albumentations' and torch's) is a function of it, and the caller's torch RNG stream is untouched.
     """
 
     def __init__(
         self,
         steps: list[A.BasicTransform],
-        normalize: A.Normalize | None = None,
         trivial_augment: bool = False,
         random_erase: float = 0.0,
         crop: SeededResizedCrop | None = None,
     ) -> None:
         self.crop = crop
-        self.pipeline = A.Compose(steps if normalize is None else [*steps, normalize])
-        self.policy = self.normalize = self.erase = None
-        if normalize is not None and (trivial_augment or random_erase > 0):
+        self.pipeline = A.Compose(steps)
+        self.policy = self.erase = None
+        if trivial_augment or random_erase > 0:
             from torchvision.transforms import v2
 
-            self.pipeline = A.Compose(steps)
             self.policy = v2.TrivialAugmentWide() if trivial_augment else None
-            self.normalize = v2.Normalize(mean=list(normalize.mean), std=list(normalize.std))
             self.erase = v2.RandomErasing(p=random_erase, value=0) if random_erase > 0 else None
 
-    def __call__(self, image: np.ndarray, seed: int | None = None) -> torch.Tensor:
+    def __call__(self, image: np.ndarray, seed: int | None = None) -> dict[str, torch.Tensor]:
         if self.crop is not None:
             # Without a per-sample seed (no TrainSampler), the crop's seed comes from torch's (per-worker) stream.
             image = self.crop(image, int(torch.randint(2**31, ())) if seed is None else seed)
         if seed is not None:
             self.pipeline.set_random_seed(seed)
-        out = self.pipeline(image=image)["image"]
-        if self.normalize is None:
-            return image_to_tensor(out)
+        pixels = image_to_tensor(self.pipeline(image=image)["image"])  # uint8 CHW
+        if self.policy is None and self.erase is None:
+            return {"image": pixels}
         with torch.random.fork_rng(devices=[]):
             if seed is not None:
                 torch.manual_seed(seed)
-            pixels = image_to_tensor(out)  # uint8 CHW
             if self.policy is not None:
                 pixels = self.policy(pixels)
-            tensor = self.normalize(pixels.float().div_(255.0))
-            return self.erase(tensor) if self.erase is not None else tensor
+            if self.erase is None:
+                return {"image": pixels}
+            return {"image": pixels, "erase": erase_box(self.erase, pixels)}
 
     def __repr__(self) -> str:
         crop = f"{self.crop!r}, " if self.crop is not None else ""
         return f"{type(self).__name__}({crop}{self.pipeline})"
+
+
+def erase_box(erase: Any, pixels: torch.Tensor) -> torch.Tensor:
+    """The rectangle torchvision's `RandomErasing` (`erase`, value 0) would erase in an image of `pixels`' shape,
+    drawn with the same calls on torch's RNG (its probability, then its box), as int64 (top, left, height, width);
+    zeros when it erases nothing. The box depends on the shape only, so drawing it on the uint8 image leaves the
+    draws as they were on the normalised one."""
+    if torch.rand(1) < erase.p:
+        params = erase.make_params([pixels])
+        if params["v"] is not None:
+            return torch.tensor([params["i"], params["j"], params["h"], params["w"]], dtype=torch.int64)
+    return torch.zeros(4, dtype=torch.int64)
 
 
 def imagenet_train_transform(
@@ -159,52 +171,41 @@ def imagenet_train_transform(
     *,
     trivial_augment: bool = False,
     random_erase: float = 0.0,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
-) -> Callable[[np.ndarray], torch.Tensor]:
-    """torchvision's ImageNet training preset: RandomResizedCrop (bilinear) + horizontal flip (+ TrivialAugment
-    wide) + normalise (+ random erasing with probability `random_erase`); the crop and flip come from
-    `ResizedCropSampler`, as on the GPU decode path."""
+) -> Callable[[np.ndarray, int | None], dict[str, torch.Tensor]]:
+    """torchvision's ImageNet training preset on uint8: RandomResizedCrop (bilinear) + horizontal flip (+ TrivialAugment
+    wide) (+ the box of random erasing with probability `random_erase`); the crop and flip come from
+    `ResizedCropSampler`, as on the GPU decode path. Normalising and erasing follow on the device (`model_input`)."""
     crop = SeededResizedCrop(crop_size, ResizedCropSampler(scale, RESIZED_CROP_RATIO, hflip))
-    normalize = A.Normalize(mean=mean, std=std, max_pixel_value=255.0)
-    return AlbumentationsTransform([], normalize, trivial_augment=trivial_augment, random_erase=random_erase, crop=crop)
+    return AlbumentationsTransform([], trivial_augment=trivial_augment, random_erase=random_erase, crop=crop)
 
 
 def imagenet_eval_transform(
-    crop_size: int = 224,
-    resize_size: int = 256,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
-) -> Callable[[np.ndarray], torch.Tensor]:
-    """torchvision's ImageNet evaluation preset: shorter side to `resize_size` (bilinear), centre crop."""
+    crop_size: int = 224, resize_size: int = 256
+) -> Callable[[np.ndarray, int | None], dict[str, torch.Tensor]]:
+    """torchvision's ImageNet evaluation preset on uint8: shorter side to `resize_size` (bilinear), centre crop."""
     return AlbumentationsTransform(
         [
             A.SmallestMaxSize(max_size=resize_size, interpolation=cv2.INTER_LINEAR),
             A.CenterCrop(height=crop_size, width=crop_size),
-            A.Normalize(mean=mean, std=std, max_pixel_value=255.0),
         ]
     )
 
 
-def cifar_train_transform(
-    mean: tuple[float, ...] = CIFAR10_MEAN, std: tuple[float, ...] = CIFAR10_STD, size: int = 32
-) -> Callable[[np.ndarray], torch.Tensor]:
-    """The ResNet paper's CIFAR augmentation: pad 4 with zeros, random 32x32 crop, flip, per-channel norm."""
+def cifar_train_transform(size: int = 32) -> Callable[[np.ndarray, int | None], dict[str, torch.Tensor]]:
+    """The ResNet paper's CIFAR augmentation on uint8: pad 4 with zeros, random 32x32 crop, flip (the per-channel
+    normalisation follows on the device)."""
     return AlbumentationsTransform(
         [
             A.PadIfNeeded(min_height=size + 8, min_width=size + 8, border_mode=cv2.BORDER_CONSTANT, fill=0),
             A.RandomCrop(height=size, width=size),
             A.HorizontalFlip(p=0.5),
-            A.Normalize(mean=mean, std=std, max_pixel_value=255.0),
         ]
     )
 
 
-def cifar_eval_transform(
-    mean: tuple[float, ...] = CIFAR10_MEAN, std: tuple[float, ...] = CIFAR10_STD
-) -> Callable[[np.ndarray], torch.Tensor]:
-    """CIFAR evaluation: per-channel normalisation only."""
-    return AlbumentationsTransform([A.Normalize(mean=mean, std=std, max_pixel_value=255.0)])
+def cifar_eval_transform() -> Callable[[np.ndarray, int | None], dict[str, torch.Tensor]]:
+    """CIFAR evaluation: the image as it is (the per-channel normalisation follows on the device)."""
+    return AlbumentationsTransform([])
 
 
 # ----------------------------------------------------------------------------------------------- detection
@@ -242,11 +243,10 @@ def segmentation_train_transform(
     crop_size: int = 480,
     scale_range: tuple[float, float] = (0.5, 2.0),
     hflip: bool = True,
-    mean: tuple[float, ...] = IMAGENET_MEAN,
-    std: tuple[float, ...] = IMAGENET_STD,
     base_size: int | None = None,
 ) -> A.Compose:
-    """Random scale, pad to the crop (image 0, mask 255), random crop, flip, normalise.
+    """Random scale, pad to the crop (image 0, mask 255), random crop, flip; the image stays uint8 (normalised after
+    the transfer, `model_input`).
 
     The scale is a factor of the image drawn in `scale_range`, or, with `base_size` (torchvision's preset), the
     shorter side is resized to a random integer in `scale_range` x `base_size`. Masks are only ever resized
@@ -281,16 +281,78 @@ def segmentation_train_transform(
     ]
     if hflip:
         steps.append(A.HorizontalFlip(p=0.5))
-    steps.append(A.Normalize(mean=mean, std=std, max_pixel_value=255.0))
     return A.Compose(steps)
 
 
-def segmentation_eval_transform(
-    eval_size: int | None = 520, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
-) -> A.Compose:
-    """Image only: shorter side to `eval_size` (bilinear; None keeps the size), then normalise."""
+def segmentation_eval_transform(eval_size: int | None = 520) -> A.Compose:
+    """Image only: shorter side to `eval_size` (bilinear; None keeps the size); uint8 (normalised after the transfer,
+    `model_input`)."""
     steps: list[A.BasicTransform] = []
     if eval_size is not None:
         steps.append(A.SmallestMaxSize(max_size=eval_size, interpolation=cv2.INTER_LINEAR))
-    steps.append(A.Normalize(mean=mean, std=std, max_pixel_value=255.0))
     return A.Compose(steps)
+
+
+# ----------------------------------------------------------------------------------------------- on the device
+# Items cross the DataLoader workers as uint8 (a quarter of float32's bytes through shared memory and the host to
+# device copy); the data module's `on_after_batch_transfer` makes the model's input on the device with these.
+@functools.lru_cache(maxsize=16)
+def _scaled_mean_std(
+    mean: tuple[float, ...], std: tuple[float, ...], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """255 x mean and 255 x std as (1, C, 1, 1) float32 tensors on `device` (made once per device)."""
+    shape = (1, len(mean), 1, 1)
+    scaled_mean = torch.tensor([255.0 * m for m in mean], dtype=torch.float32).view(shape)
+    scaled_std = torch.tensor([255.0 * s for s in std], dtype=torch.float32).view(shape)
+    return scaled_mean.to(device), scaled_std.to(device)
+
+
+def normalize_pixels_(images: torch.Tensor, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
+    """(N, C, H, W) float pixels in 0..255, in place: (pixels - 255 mean) / (255 std), albumentations' `Normalize`."""
+    scaled_mean, scaled_std = _scaled_mean_std(tuple(map(float, mean)), tuple(map(float, std)), images.device)
+    return images.sub_(scaled_mean).div_(scaled_std)
+
+
+def _inside(boxes: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, 1, height, width) bool: True inside each row's box (top, left, box height, box width) of `boxes` (N, 4)."""
+    top, left, box_height, box_width = boxes.to(torch.int64).unbind(1)
+    rows = torch.arange(height, device=boxes.device)
+    cols = torch.arange(width, device=boxes.device)
+    in_rows = (rows >= top[:, None]) & (rows < (top + box_height)[:, None])
+    in_cols = (cols >= left[:, None]) & (cols < (left + box_width)[:, None])
+    return (in_rows[:, :, None] & in_cols[:, None, :])[:, None]
+
+
+def model_input(
+    batch: dict[str, Any], mean: Sequence[float], std: Sequence[float], *, channels_last: bool = False
+) -> dict[str, Any]:
+    """A moved batch's uint8 "image" (N, C, H, W) as the model takes it, made on its device: float32, normalised
+    (`normalize_pixels_`), NHWC in memory with `channels_last` (the model's layout).
+
+    The items' "erase" boxes (`erase_box`, random erasing) are set to 0 on the normalised image, as torchvision's
+    `RandomErasing(value=0)` did, and leave the batch. With an "input_size" (N, 2) (evaluation images of different
+    sizes, padded by the collate), the padding beyond each image's input is 0 after normalisation (the mean). A
+    batch whose "image" is not uint8 is returned as it is. No value is read back to the host.
+    """
+    images = batch.get("image")
+    if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
+        return batch
+    layout = torch.channels_last if channels_last and images.ndim == 4 else torch.contiguous_format
+    pixels = normalize_pixels_(images.to(dtype=torch.float32, memory_format=layout), mean, std)
+    height, width = pixels.shape[-2:]
+    out = dict(batch)
+    erase = out.pop("erase", None)
+    if erase is not None:
+        pixels.masked_fill_(_inside(erase, height, width), 0.0)
+    sizes = out.get("input_size")
+    if isinstance(sizes, torch.Tensor) and pixels.ndim == 4:
+        corners = torch.zeros_like(sizes)
+        pixels.masked_fill_(~_inside(torch.cat([corners, sizes], dim=1), height, width), 0.0)
+    out["image"] = pixels
+    return out
+
+
+def unit_range_images(images: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Detection's moved uint8 images (C, H, W each, any size) as float32 pixels / 255 on their device (the detector
+    resizes and normalises them itself); images that are not uint8 are kept as they are."""
+    return [image.float().div_(255.0) if image.dtype == torch.uint8 else image for image in images]

@@ -157,7 +157,7 @@ class TaskBase(L.LightningModule):
         return super().load_from_checkpoint(upgraded or checkpoint_path, *args, **kwargs)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[CHECKPOINT_KEY] = {"task": self.task_name}
+        checkpoint.setdefault(CHECKPOINT_KEY, {})["task"] = self.task_name  # beside what callbacks put there
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint_fits(self, checkpoint)

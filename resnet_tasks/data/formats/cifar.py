@@ -42,7 +42,7 @@ class ArrayImageDataset(Dataset):
     def __getitem__(self, item: int | tuple[int, int]) -> dict[str, Any]:
         index, seed = item_and_seed(item)
         return {
-            "image": self.transform(self.images[index], seed),
+            **self.transform(self.images[index], seed),  # "image" uint8 CHW
             "label": int(self.labels[index]),
             "name": f"{self.prefix}/{index:05d}",
         }
@@ -137,7 +137,7 @@ class CIFARDataModule(BaseDataModule):
             if self.predict_path is None:
                 return self.dataset("val")
             files = list_images(self.predict_path)
-            transform = imagenet_eval_transform(32, 32, self.mean, self.std)
+            transform = imagenet_eval_transform(32, 32)
             return ImageListDataset(files, [-1] * len(files), transform, root=Path(self.predict_path))
         root = self.require_root()
         if key in ("train", "val") and self.val_size > 0:
@@ -151,9 +151,9 @@ class CIFARDataModule(BaseDataModule):
     def split(self, images: np.ndarray, labels: np.ndarray, name: str) -> ArrayImageDataset:
         """A dataset of `images` named `name/<index>`, with the training transform for "train"."""
         if name == "train":
-            transform = cifar_train_transform(self.mean, self.std)
+            transform = cifar_train_transform()
         else:
-            transform = cifar_eval_transform(self.mean, self.std)
+            transform = cifar_eval_transform()
         return ArrayImageDataset(images, labels, transform, name)
 
     def eval_preprocessing(self) -> dict[str, Any]:

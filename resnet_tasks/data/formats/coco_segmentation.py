@@ -374,14 +374,12 @@ class CocoSegmentationDataModule(SegmentationDataModule):
 
     # ------------------------------------------------------------------ datasets
     def train_transform(self) -> A.Compose:
-        return segmentation_train_transform(
-            self.crop_size, self.scale_range, self.hflip, self.mean, self.std, base_size=self.base_size
-        )
+        return segmentation_train_transform(self.crop_size, self.scale_range, self.hflip, base_size=self.base_size)
 
     def _eval_dataset(self, split: str, protocol: str) -> CocoSegmentationDataset:
         """Under the torchvision protocol the dataset resizes image and mask, and the transform only normalises."""
         if protocol == "torchvision":
-            transform, resize_to = segmentation_eval_transform(None, self.mean, self.std), self.eval_size
+            transform, resize_to = segmentation_eval_transform(None), self.eval_size
         else:
             transform, resize_to = self.eval_transform(), None
         annotations = self.annotations(split, train=False)
