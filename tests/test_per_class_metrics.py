@@ -82,6 +82,16 @@ def test_per_class_ap_equals_pycocotools_per_category(seed: int) -> None:
     assert coco_backend() == "faster_coco_eval"  # a default dependency now; pycocotools stays the oracle
 
 
+def test_per_class_ap_of_data_with_one_class() -> None:
+    """torchmetrics reports the classes of one-class data as a 0-d tensor (a common case on one's own data)."""
+    metric = coco_map_metric()
+    box = [[10.0, 10.0, 50.0, 50.0]]
+    metric.update([_detection(box, [1], [0.9])], [_truth(box, [1], [0])])
+    results = metric.compute()
+    ours = per_class_ap(results, metric.iou_thresholds)
+    assert ours.category_ids == [1] and ours.ap[0] == pytest.approx(float(results["map"]), abs=1e-6) == 1.0
+
+
 def _detection(boxes: list[list[float]], labels: list[int], scores: list[float]) -> dict[str, torch.Tensor]:
     return {"boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4), "labels": torch.tensor(labels),
             "scores": torch.tensor(scores)}  # fmt: skip

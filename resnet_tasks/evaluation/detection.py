@@ -91,7 +91,8 @@ def per_class_ap(results: dict[str, Any], iou_thresholds: Sequence[float]) -> Pe
     """Per-category AP from `CocoMeanAveragePrecision.compute()`: means of COCOeval's precision array, as its
     `summarize()` computes the overall numbers (a category's mean over the entries that are defined)."""
     classes = results.get("classes")
-    ids = [int(c) for c in (classes.tolist() if isinstance(classes, torch.Tensor) else classes or [])]
+    # torchmetrics gives a 0-d tensor when the data hold one class
+    ids = [int(c) for c in (torch.atleast_1d(classes).tolist() if isinstance(classes, torch.Tensor) else classes or [])]
     precision = results.get("precision")
     if precision is None or not ids or np.ndim(precision) != 5:
         empty = np.zeros(0)
