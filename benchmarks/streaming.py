@@ -22,10 +22,12 @@ CLASSES = 4
 
 
 def write_image_folder(root: Path, images: int, width: int, height: int) -> Path:
-    """`images` photo-like JPEGs split over CLASSES class folders of ROOT/train."""
+    """`images` photo-like JPEGs split over CLASSES class folders of ROOT/train (and one per class in ROOT/val, so
+    no share of train is held out as val)."""
     per_class = max(1, images // CLASSES)
     for index in range(CLASSES):
         write_jpegs(root / "train" / f"class_{index}", per_class, width, height, seed=index)
+        write_jpegs(root / "val" / f"class_{index}", 1, width, height, seed=CLASSES + index)
     return root
 
 
