@@ -57,10 +57,10 @@ CONTRACT_NAMES = TORCHVISION_NAMES + [
 STAGES4 = ("layer1", "layer2", "layer3", "layer4")
 
 
-
 @pytest.fixture(autouse=True)
 def _seeded() -> None:
     torch.manual_seed(0)
+
 
 def randomise_norm_statistics(model: nn.Module, seed: int = 0) -> None:
     """Give every BN non-trivial affine parameters and running statistics so eval parity means something."""
@@ -128,8 +128,16 @@ def test_stage_outputs_match_torchvision(tmp_path, name: str, output_stride: int
 
 @pytest.mark.parametrize(
     ("name", "paper_millions"),
-    [("resnet20", 0.27), ("resnet32", 0.46), ("resnet44", 0.66), ("resnet56", 0.85), ("resnet110", 1.7),
-     ("resnet1202", 19.4), ("resnet164_v2", 1.7), ("resnet1001_v2", 10.2)],
+    [
+        ("resnet20", 0.27),
+        ("resnet32", 0.46),
+        ("resnet44", 0.66),
+        ("resnet56", 0.85),
+        ("resnet110", 1.7),
+        ("resnet1202", 19.4),
+        ("resnet164_v2", 1.7),
+        ("resnet1001_v2", 10.2),
+    ],
 )
 def test_cifar_parameter_counts_match_the_papers(name: str, paper_millions: float) -> None:
     with torch.device("meta"):
