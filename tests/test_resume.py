@@ -5,8 +5,6 @@ state makes all three fail)."""
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
 
 import lightning as L
@@ -15,6 +13,7 @@ import torch
 
 from resnet_tasks.callbacks import INTERRUPTED_CHECKPOINT
 from resnet_tasks.lightning_cli import ResNetTasksCLI, import_components
+from tests.conftest import sigterm_at
 
 STEPS = 8
 # SIGTERM after this step. Classification: 24 images, batch 8 = 3 steps per epoch, so mid-epoch 1. Detection: 11
@@ -59,17 +58,6 @@ def task_args(task: str, image_folder: Path, shapes: Path) -> list[str]:
     ]  # fmt: skip
 
 
-class SigtermAt(L.Callback):
-    """Sends this process SIGTERM after optimizer step `step` (as a cluster scheduler would)."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: L.Trainer, *args: object) -> None:
-        if trainer.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-
 def _cli(args: list[str], root: Path) -> ResNetTasksCLI:
     import_components()
     return ResNetTasksCLI(
@@ -98,7 +86,7 @@ def test_sigterm_then_resume_equals_uninterrupted_run(
 
     L.seed_everything(0)
     stopped = _cli(args, tmp_path / "stopped")
-    stopped.trainer.callbacks.append(SigtermAt(STOP_AT[task]))
+    stopped.trainer.callbacks.append(sigterm_at(STOP_AT[task]))
     with pytest.raises(SystemExit):
         stopped.trainer.fit(stopped.model, stopped.datamodule)
     checkpoint = next((tmp_path / "stopped").rglob(INTERRUPTED_CHECKPOINT))
