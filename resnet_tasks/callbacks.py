@@ -8,6 +8,7 @@ import random
 import shutil
 import signal
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from torch.optim.swa_utils import get_ema_multi_avg_fn
 
 from resnet_tasks import compat
 from resnet_tasks.config import global_batch_size, run_dir
+from resnet_tasks.tasks.base import CHECKPOINT_KEY
 
 INTERRUPTED_CHECKPOINT = "interrupted.ckpt"
 LAST_CHECKPOINT = "last.ckpt"
@@ -275,3 +277,24 @@ class GlobalBatchEMA(EMAWeightAveraging):
             if trainer.is_global_zero:
                 print(f"EMA: decay {self.decay:.6f} ({self.raw_decay} rescaled to global batch {global_batch})")
         super().setup(trainer, pl_module, stage)
+
+
+# The entry of a checkpoint's `resnet_tasks` dict holding the data module's `eval_preprocessing()`.
+PREPROCESSING_KEY = "preprocessing"
+
+
+class StoreEvalPreprocessing(L.Callback):
+    """Every checkpoint holds the data module's evaluation preprocessing (`eval_preprocessing()`, under
+    `checkpoint["resnet_tasks"]["preprocessing"]`): `export` reads it there, without the dataset."""
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        preprocessing = getattr(trainer.datamodule, "eval_preprocessing", None)
+        if callable(preprocessing):
+            checkpoint.setdefault(CHECKPOINT_KEY, {})[PREPROCESSING_KEY] = preprocessing()
+
+
+def stored_preprocessing(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The evaluation preprocessing `StoreEvalPreprocessing` wrote into a checkpoint (None: it holds none, e.g.
+    written before checkpoints stored it)."""
+    found = (checkpoint.get(CHECKPOINT_KEY) or {}).get(PREPROCESSING_KEY)
+    return dict(found) if isinstance(found, Mapping) else None

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from resnet_tasks.callbacks import stored_preprocessing
 from resnet_tasks.checkpoint_io import read_checkpoint
 from resnet_tasks.compat import compiled_calls_disabled, module_from_checkpoint
 from resnet_tasks.errors import UserError
@@ -34,7 +35,6 @@ from resnet_tasks.lightning_cli import (
     parse_config,
     require_config,
     run_directory,
-    stored_preprocessing,
 )
 from resnet_tasks.tasks.base import CHECKPOINT_KEY, TaskBase, no_weights
 

@@ -5,13 +5,14 @@ evaluation; and the config reading of the commands that build their own objects 
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib
 import json
 import math
 import os
 import sys
 import warnings
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,7 @@ from resnet_tasks.callbacks import (
     LastCheckpoint,
     RNGState,
     SkipReport,
+    StoreEvalPreprocessing,
     find_resume_checkpoint,
     requeued_slurm_job,
 )
@@ -38,15 +40,12 @@ from resnet_tasks.compat import CheckpointHyperparametersHook, parser_has_argume
 from resnet_tasks.config import QUICKSTART_HINT, run_dir
 from resnet_tasks.errors import UserError, find_user_error, user_message
 from resnet_tasks.labels import LabelSpace, upgrade_hyperparameters
-from resnet_tasks.tasks.base import CHECKPOINT_KEY
 
 METRIC_PREFIXES = {"validate": "val/", "test": "test/", "fit": "val/"}
 # Model keys that say how to evaluate (not what was trained): with --ckpt_path, the command's values apply.
 EVALUATION_KEYS = ("tta", "log_images", "confusion_iou", "confusion_score")
 # Any of these on a command line brings (or asks about) a config.
 CONFIG_WORDS = frozenset({"-h", "--help", "-c", "--config", "--model", "--print_config"})
-# The entry of a checkpoint's `resnet_tasks` dict holding the data module's `eval_preprocessing()`.
-PREPROCESSING_KEY = "preprocessing"
 
 
 def require_config(command: str, args: Sequence[str], hint: str) -> None:
@@ -86,23 +85,6 @@ def write_metrics_json(trainer: L.Trainer, prefix: str) -> Path | None:
     print(f"metrics: {json.dumps(shown)}")
     print(f"metrics written: {path}")
     return path
-
-
-class StoreEvalPreprocessing(L.Callback):
-    """Every checkpoint holds the data module's evaluation preprocessing (`eval_preprocessing()`, under
-    `checkpoint["resnet_tasks"]["preprocessing"]`): `export` reads it there, without the dataset."""
-
-    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
-        preprocessing = getattr(trainer.datamodule, "eval_preprocessing", None)
-        if callable(preprocessing):
-            checkpoint.setdefault(CHECKPOINT_KEY, {})[PREPROCESSING_KEY] = preprocessing()
-
-
-def stored_preprocessing(checkpoint: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The evaluation preprocessing `StoreEvalPreprocessing` wrote into a checkpoint (None: it holds none, e.g.
-    written before checkpoints stored it)."""
-    found = (checkpoint.get(CHECKPOINT_KEY) or {}).get(PREPROCESSING_KEY)
-    return dict(found) if isinstance(found, Mapping) else None
 
 
 def trainer_plugins(given: Any, preloaded: dict[str, dict[str, Any]] | None = None) -> list[Any]:
@@ -332,9 +314,7 @@ def parse_config(
             pass
 
     import_components()
-    with warnings.catch_warnings():
-        # Lightning warns when `args` is given while sys.argv has arguments too: here both are this command's.
-        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+    with arguments_given():
         cli = ConfigOnlyCLI(
             model_class=L.LightningModule,
             datamodule_class=L.LightningDataModule,
@@ -346,6 +326,14 @@ def parse_config(
             parser_kwargs={"prog": prog, "description": description},
         )
     return cli.config
+
+
+@contextlib.contextmanager
+def arguments_given() -> Iterator[None]:
+    """Silences Lightning's warning that `args` is given while sys.argv has arguments too: both are this command's."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+        yield
 
 
 def _close_process_group() -> None:
@@ -369,15 +357,16 @@ def run_lightning(command: str, args: list[str]) -> None:
     torch.set_float32_matmul_precision("high")
     UserError.last = None
     try:
-        ResNetTasksCLI(
-            model_class=L.LightningModule,
-            datamodule_class=L.LightningDataModule,
-            subclass_mode_model=True,
-            subclass_mode_data=True,
-            save_config_kwargs={"overwrite": True},
-            args=[command, *args],
-            auto_configure_optimizers=False,
-        )
+        with arguments_given():
+            ResNetTasksCLI(
+                model_class=L.LightningModule,
+                datamodule_class=L.LightningDataModule,
+                subclass_mode_model=True,
+                subclass_mode_data=True,
+                save_config_kwargs={"overwrite": True},
+                args=[command, *args],
+                auto_configure_optimizers=False,
+            )
     except torch.OutOfMemoryError:
         print(
             "error: out of GPU memory during a step. Lower --data.batch_size, or use --trainer.precision "

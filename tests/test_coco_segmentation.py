@@ -127,10 +127,10 @@ def test_torchvision_protocol_resizes_image_and_mask_as_torchvision(coco_root: P
     assert sum(len(batch["stem"]) for batch in batches) == 5
     stem_to_id = {Path(info["file_name"]).stem: image_id for image_id, info in coco.imgs.items()}
     for batch in batches:
-        assert torch.equal(batch["size"], batch["input_size"])  # scored at the resized size
+        assert batch["size"] == batch["input_size"]  # scored at the resized size
         for k, stem in enumerate(batch["stem"]):
             image, mask = reference_eval(Path(batch["path"][k]), oracle_mask(coco, stem_to_id[stem]), size)
-            assert tuple(batch["size"][k].tolist()) == tuple(mask.shape) and min(mask.shape) == size
+            assert batch["size"][k] == tuple(mask.shape) and min(mask.shape) == size
             torch.testing.assert_close(batch["image"][k], image, rtol=0, atol=1e-5)
             assert torch.equal(batch["mask"][k], mask)
     # The default protocol resizes only the network input; masks (and predictions) keep the original size.

@@ -18,6 +18,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from resnet_tasks.backbones import BackboneConfig
+from resnet_tasks.data.segmentation import collate_eval
 from resnet_tasks.labels import LabelSpace
 from resnet_tasks.tasks.base import TaskBase
 from resnet_tasks.tasks.classification import ClassificationTask
@@ -94,20 +95,21 @@ def classification(batches: int, tmp_path: Path) -> tuple[TaskBase, list[Any]]:
 
 
 def segmentation(batches: int, tmp_path: Path) -> tuple[TaskBase, list[Any]]:
+    """Batches as the segmentation data modules make them (`collate_eval`: sizes as host pairs)."""
     torch.manual_seed(0)
     task = SegmentationTask(num_classes=3, backbone=BackboneConfig(name="resnet18"))
     generator = torch.Generator().manual_seed(1)
     data = []
     for b in range(batches):
-        paths = []
+        items = []
         for i in range(2):
-            paths.append(tmp_path / f"image_{b}_{i}.png")
-            Image.fromarray(np.full((30, 40, 3), 60 * i, dtype=np.uint8)).save(paths[-1])
-        mask = torch.randint(0, 3, (2, 30, 40), generator=generator).to(torch.uint8)
-        mask[:, :3] = 255
-        data.append({"image": torch.randn(2, 3, 32, 40, generator=generator), "mask": mask,
-                     "size": torch.tensor([[30, 40], [30, 40]]), "input_size": torch.tensor([[32, 40], [32, 40]]),
-                     "stem": [p.stem for p in paths], "path": [str(p) for p in paths]})  # fmt: skip
+            path = tmp_path / f"image_{b}_{i}.png"
+            Image.fromarray(np.full((30, 40, 3), 60 * i, dtype=np.uint8)).save(path)
+            mask = torch.randint(0, 3, (30, 40), generator=generator).to(torch.uint8)
+            mask[:3] = 255
+            items.append({"image": torch.randn(3, 32, 40, generator=generator), "mask": mask, "size": (30, 40),
+                          "input_size": (32, 40), "stem": path.stem, "path": str(path)})  # fmt: skip
+        data.append(collate_eval(items))
     return task, data
 
 

@@ -74,12 +74,12 @@ def test_eval_batches_keep_original_masks_and_group_sizes(voc_root: Path) -> Non
     stems = [stem for batch in batches for stem in batch["stem"]]
     assert sorted(stems) == sorted((voc_root / "VOCdevkit/VOC2012/ImageSets/Segmentation/val.txt").read_text().split())
     for batch in batches:
-        sizes = batch["size"].tolist()
+        sizes = batch["size"]  # host (height, width) pairs: never moved to the device, never read back
         assert all(size == sizes[0] for size in sizes)  # one original size per batch: nothing padded
         height, width = sizes[0]
         assert tuple(batch["mask"].shape[1:]) == (height, width)
         assert min(batch["image"].shape[-2:]) == 40  # shorter side resized for the network
-        assert batch["input_size"].tolist()[0] == list(batch["image"].shape[-2:])
+        assert batch["input_size"][0] == tuple(batch["image"].shape[-2:])
         for stem, mask in zip(batch["stem"], batch["mask"]):
             original = np.asarray(Image.open(voc_root / f"VOCdevkit/VOC2012/SegmentationClass/{stem}.png"))
             assert np.array_equal(mask.numpy(), original)
@@ -103,7 +103,7 @@ def test_collate_pads_mixed_sizes_with_ignore() -> None:
     batch = collate_eval(items)
     assert batch["image"].shape == (2, 3, 6, 6) and batch["mask"].shape == (2, 12, 12)
     assert batch["image"][0, :, 4:].abs().sum() == 0 and (batch["mask"][0, 8:] == 255).all()
-    assert (batch["mask"][1, :, 8:] == 255).all() and batch["size"].tolist() == [[8, 12], [12, 8]]
+    assert (batch["mask"][1, :, 8:] == 255).all() and batch["size"] == [(8, 12), (12, 8)]
 
 
 def test_mask_size_mismatch_names_the_file(voc_root: Path) -> None:

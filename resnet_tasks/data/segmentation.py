@@ -152,9 +152,10 @@ def collate_eval(items: list[dict[str, Any]]) -> dict[str, Any]:
     """Batch images of any size: pad images with 0 (0 after normalisation, the mean: `model_input` zeroes what lies
     beyond "input_size"), masks with 255.
 
-    "input_size" and "size" keep each image's valid region. `SizeGroupedEvalBatchSampler` batches only images of
-    one original size, so with it nothing is ever padded (padding would let the network see the padded
-    border, a small difference from per-image evaluation).
+    "input_size" and "size" keep each image's valid region as (height, width) host tuples: they set crops and
+    resizes, so they never travel to the device and are never read back. `SizeGroupedEvalBatchSampler` batches
+    only images of one original size, so with it nothing is ever padded (padding would let the network see the
+    padded border, a small difference from per-image evaluation).
     """
     height = max(i["image"].shape[1] for i in items)
     width = max(i["image"].shape[2] for i in items)
@@ -163,8 +164,8 @@ def collate_eval(items: list[dict[str, Any]]) -> dict[str, Any]:
         images[k, :, : item["image"].shape[1], : item["image"].shape[2]] = item["image"]
     batch: dict[str, Any] = {
         "image": images,
-        "size": torch.tensor([i["size"] for i in items], dtype=torch.long),
-        "input_size": torch.tensor([i["input_size"] for i in items], dtype=torch.long),
+        "size": [(int(i["size"][0]), int(i["size"][1])) for i in items],
+        "input_size": [(int(i["input_size"][0]), int(i["input_size"][1])) for i in items],
         "stem": [i["stem"] for i in items],
         "path": [i["path"] for i in items],
     }

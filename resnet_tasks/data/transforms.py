@@ -330,8 +330,9 @@ def model_input(
     (`normalize_pixels_`), NHWC in memory with `channels_last` (the model's layout).
 
     The items' "erase" boxes (`erase_box`, random erasing) are set to 0 on the normalised image, as torchvision's
-    `RandomErasing(value=0)` did, and leave the batch. With an "input_size" (N, 2) (evaluation images of different
-    sizes, padded by the collate), the padding beyond each image's input is 0 after normalisation (the mean). A
+    `RandomErasing(value=0)` did, and leave the batch. With an "input_size" (per image (height, width) host pairs:
+    evaluation images of different sizes, padded by the collate), the padding beyond each image's input is 0 after
+    normalisation (the mean). A
     batch whose "image" is not uint8 is returned as it is. No value is read back to the host.
     """
     images = batch.get("image")
@@ -344,10 +345,10 @@ def model_input(
     erase = out.pop("erase", None)
     if erase is not None:
         pixels.masked_fill_(_inside(erase, height, width), 0.0)
-    sizes = out.get("input_size")
-    if isinstance(sizes, torch.Tensor) and pixels.ndim == 4:
-        corners = torch.zeros_like(sizes)
-        pixels.masked_fill_(~_inside(torch.cat([corners, sizes], dim=1), height, width), 0.0)
+    if pixels.ndim == 4:
+        for k, (valid_h, valid_w) in enumerate(out.get("input_size") or ()):
+            pixels[k, :, valid_h:, :] = 0.0
+            pixels[k, :, :valid_h, valid_w:] = 0.0
     out["image"] = pixels
     return out
 

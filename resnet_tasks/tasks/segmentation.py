@@ -71,8 +71,8 @@ class SegmentationTask(TaskBase):
     from `fit`) fix the label space; `backbone.weights` reuses only the backbone.
 
     Batches are dicts: training {"image": (N,3,H,W) float, "mask": (N,H,W) uint8}; evaluation additionally
-    carries per-image "input_size" (network input, before padding) and "size" (original), with "mask" at
-    the original size (padded with 255 when sizes differ in a batch).
+    carries per-image "input_size" (network input, before padding) and "size" (original) as host (height, width)
+    pairs, with "mask" at the original size (padded with 255 when sizes differ in a batch).
     """
 
     task_name: ClassVar[str] = "segmentation"
@@ -151,14 +151,6 @@ class SegmentationTask(TaskBase):
         return losses
 
     # ------------------------------------------------------------------ evaluation and prediction
-    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
-        """Image sizes stay on the host (they set crops and resizes): tuples, before the batch moves to the device."""
-        if isinstance(batch, dict):
-            for key in ("size", "input_size"):
-                if isinstance(batch.get(key), torch.Tensor):
-                    batch[key] = host_sizes(batch[key])
-        return batch
-
     def predict_masks(self, batch: dict[str, Any]) -> list[torch.Tensor]:
         """Per-image class maps (H, W) at each image's original size.
 
