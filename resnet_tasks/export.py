@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from resnet_tasks.backbones import label_space_of, preprocessing_of
 from resnet_tasks.callbacks import stored_preprocessing
 from resnet_tasks.checkpoint_io import read_checkpoint
 from resnet_tasks.compat import compiled_calls_disabled, module_from_checkpoint
@@ -260,8 +261,6 @@ def build_task(config: Any, data: DataModuleOf) -> tuple[TaskBase, str, dict[str
         path = Path(str(weights)).expanduser()
         _check_task(checkpoint_task(path), path, task_class, "--model.weights")
     if init_args.get("label_space") is None:
-        from resnet_tasks.backbones import label_space_of
-
         if not isinstance(label_space_of(str(weights), task_class.head_key, task_class.task_name), LabelSpace):
             init_args["label_space"] = getattr(data()[0], "label_space", None)
     task = task_class(**init_args)
@@ -274,12 +273,16 @@ def export_preprocessing(
 ) -> dict[str, Any]:
     """What `predict` does to an image before the model and what the model does itself (`model_preprocessing`).
     The first is the checkpoint's `stored` preprocessing; without it (weights, or a checkpoint written before
-    checkpoints stored it), the config's data module's `eval_preprocessing()`."""
+    checkpoints stored it), the config's data module's `eval_preprocessing()`; without the data module's dataset,
+    the preprocessing torchvision weights were published with."""
     if stored is not None:
         return {**stored, **model_preprocessing(task)}
     datamodule, problem = data()
     if datamodule is not None:
         return {**datamodule.eval_preprocessing(), **model_preprocessing(task)}
+    published = preprocessing_of(source)
+    if published is not None:
+        return {**default_preprocessing(task), **published}
     if problem is not None and not model_preprocessing(task):
         raise UserError(
             f"resnet-tasks export needs the evaluation preprocessing (resize, crop, mean/std): {source} stores none "

@@ -326,6 +326,33 @@ def test_checkpoint_exports_without_its_dataset(run_cli, tmp_path: Path) -> None
     assert f"{tmp_path / 'older.ckpt'} stores none" in line and str(root) in line
 
 
+def test_torchvision_weights_export_without_the_dataset_takes_their_preprocessing(
+    run_cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ImageNet weights export with the ImageNet recipe where no ImageNet is on disk: the sidecar holds the
+    preprocessing the weights were published with (`weights.transforms()`) and their 1000 class names."""
+    weights = torchvision.models.ResNet18_Weights.IMAGENET1K_V1
+    torch.manual_seed(0)
+    reference = torchvision.models.resnet18().eval()
+    hub = tmp_path / "torch_home" / "hub" / "checkpoints"
+    hub.mkdir(parents=True)
+    torch.save(reference.state_dict(), hub / Path(weights.url).name)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    code, out, err = run_cli(
+        "export", "--config", REPO / "configs" / "classification" / "imagenet_resnet50.yaml",
+        "--model.backbone.name", "resnet18", "--model.weights", "ResNet18_Weights.IMAGENET1K_V1",
+        "--data.root", tmp_path / "no_imagenet_here", "--out", tmp_path / "resnet18.onnx",
+    )  # fmt: skip
+    assert code == 0, err
+    info = json.loads((tmp_path / "resnet18.onnx.json").read_text())
+    preset = weights.transforms()
+    assert {key: info["preprocessing"][key] for key in ("resize", "crop", "mean", "std")} == {
+        "resize": preset.resize_size[0], "crop": preset.crop_size[0], "mean": preset.mean, "std": preset.std,
+    }  # fmt: skip
+    assert len(info["class_names"]) == 1000 and info["class_names"][:2] == weights.meta["categories"][:2]
+    check_parity("classification", tmp_path / "resnet18.onnx", lambda x: (reference(x).softmax(dim=1).numpy(),))
+
+
 def test_checkpoint_written_before_it_stored_preprocessing_takes_the_data_modules(run_cli, tmp_path: Path) -> None:
     """tests/data's checkpoint predates the stored preprocessing: the config's data module gives it (VOC
     segmentation reads its dataset only when it loads data, so none is needed)."""

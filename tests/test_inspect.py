@@ -234,6 +234,31 @@ def test_mask_folders_roboflow_and_camvid(tmp_path: Path) -> None:
     assert all(c["train"] <= 6 for c in data["classes"]) and data["splits"]["val"]["images"] == 3
 
 
+def test_binary_masks_read_with_void_255_are_named(tmp_path: Path) -> None:
+    """0/255 masks (most tools' binary export) with the default void 255 leave nothing to learn: inspect says so and
+    how to read them; read as the message says, the object is counted and nothing is void."""
+    from resnet_tasks.data.formats.folders import SegmentationFolderDataModule
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 4), ("val", 2)):
+        (tmp_path / split).mkdir()
+        for i in range(count):
+            mask = np.zeros((32, 40), dtype=np.uint8)
+            y, x = int(rng.integers(0, 16)), int(rng.integers(0, 20))
+            mask[y : y + 12, x : x + 14] = 255
+            Image.fromarray(np.dstack([mask] * 3)).save(tmp_path / split / f"crack_{i}.jpg")
+            Image.fromarray(mask, mode="L").save(tmp_path / split / f"crack_{i}_mask.png")
+    options = dict(root=str(tmp_path), mask_suffix="_mask", batch_size=2, num_workers=0, crop_size=32, eval_size=None)
+    wrong = inspect_data(SegmentationFolderDataModule(class_names=["background", "crack"], **options))
+    void = [problem for problem in wrong.problems if problem.kind == "void"]
+    assert [problem.file for problem in void] == ["train split", "val split"] and not wrong.blocking
+    assert "no mask holds an object class" in void[0].problem and "--data.ignore_index null" in void[0].problem
+    assert void[0].problem.split(" and ")[1].startswith("13% of their pixels are void")  # 12 x 14 of 32 x 40
+    (tmp_path / "classes.csv").write_text("0,background\n255,crack")  # no trailing newline, as editors leave it
+    right = inspect_data(SegmentationFolderDataModule(classes_file="classes.csv", ignore_index=None, **options))
+    assert right.problems == [] and right.to_json()["classes"][1] == {"id": 255, "name": "crack", "train": 4, "val": 2}
+
+
 def test_csv_with_a_held_out_val_split(tmp_path: Path) -> None:
     from resnet_tasks.data.formats.csv import CsvClassificationDataModule
     from tests.conftest import make_csv_dataset

@@ -21,6 +21,7 @@ from .weights import (
     label_space_of,
     load_state_dict_into,
     load_weights_spec,
+    preprocessing_of,
     strip_wrapper_prefixes,
 )
 
@@ -43,6 +44,7 @@ __all__ = [
     "hub_checkpoint_path",
     "list_backbones",
     "load_state_dict_into",
+    "preprocessing_of",
     "load_weights_spec",
     "strip_wrapper_prefixes",
 ]

@@ -265,6 +265,25 @@ def label_space_of(spec: str, head_key: str, task: str) -> LabelSpace | int | No
     return None
 
 
+def preprocessing_of(spec: str) -> dict[str, Any] | None:
+    """The evaluation preprocessing torchvision weights `spec` were published with (their `transforms()`):
+    `resize` (shorter side), `crop` (centre, square; None: none), `mean`, `std`. None for files and for weights
+    whose model resizes and normalises itself (detection)."""
+    if not is_torchvision_weights_name(str(spec)):
+        return None
+    transform = _resolve_enum(str(spec)).transforms()
+    sizes = {name: getattr(transform, f"{name}_size", None) for name in ("resize", "crop")}
+    if not hasattr(transform, "mean") or sizes["resize"] is None:
+        return None
+    first = {name: int(size[0] if isinstance(size, (list, tuple)) else size) for name, size in sizes.items() if size}
+    return {
+        "resize": first["resize"],
+        "crop": first.get("crop"),
+        "mean": [float(m) for m in transform.mean],
+        "std": [float(s) for s in transform.std],
+    }
+
+
 def extract_backbone_state_dict(state_dict: Mapping[str, Any], backbone: nn.Module) -> dict[str, Any]:
     """The part of ``state_dict`` that belongs to ``backbone``, with its prefix removed.
 
@@ -353,6 +372,7 @@ __all__ = [
     "hub_checkpoint_path",
     "load_state_dict_into",
     "load_weights_spec",
+    "preprocessing_of",
     "strip_wrapper_prefixes",
     "torchvision_weight_names",
 ]

@@ -253,22 +253,21 @@ def segmentation_counts(
 ) -> tuple[np.ndarray, int]:
     """Images containing each class and negatives (no object class) of a segmentation split, from the masks as the
     dataset reads them (`dataset.read_mask`: its size and value checks, the image not decoded); mask problems into
-    `report`."""
+    `report`, and one when void is all that is left of the objects (0/255 masks read with void 255, the default)."""
     assert view.masks is not None
     num_classes = space.num_classes
 
-    def present_values(index: int) -> np.ndarray | UserError | None:
+    def pixel_counts(index: int) -> np.ndarray | UserError | None:
         if facts[view.images[index]].error:
             return None  # already reported as unreadable
         try:
-            mask = view.dataset.read_mask(index)
+            return np.bincount(np.asarray(view.dataset.read_mask(index), dtype=np.uint8).ravel(), minlength=256)
         except UserError as error:
             return error
-        return np.flatnonzero(np.bincount(np.asarray(mask).ravel(), minlength=num_classes)[:num_classes])
 
     counts = np.zeros(num_classes, dtype=np.int64)
-    negatives = 0
-    for index, result in enumerate(parallel_map(present_values, range(len(view.images)))):
+    negatives, void, pixels = 0, 0, 0
+    for index, result in enumerate(parallel_map(pixel_counts, range(len(view.images)))):
         if isinstance(result, UserError):
             skipped = isinstance(result, UnreadableImageError)  # training skips these; others stop it
             kind = "unreadable" if skipped else "mask"
@@ -276,8 +275,17 @@ def segmentation_counts(
                 Problem(view.masks[index], str(result), kind, fatal=not skipped and view.name != "test")
             )
         elif result is not None:
-            counts[result] += 1
-            negatives += int(not np.any(result > 0) if space.background else result.size == 0)
+            present = np.flatnonzero(result[:num_classes])
+            counts[present] += 1
+            negatives += int(not np.any(present > 0) if space.background else present.size == 0)
+            void, pixels = void + int(result[space.ignore_index]), pixels + int(result.sum())
+    if void and not (counts[1:] if space.background else counts).any():
+        what = (
+            f"no mask holds an object class and {void / pixels:.0%} of their pixels are void (the --data.ignore_index "
+            "value): for masks that mark objects with 255 (0/255), pass --data.ignore_index null and a "
+            "--data.classes_file with the rows '0,background' and '255,NAME'"
+        )
+        report.problems.append(Problem(f"{view.name} split", what, "void"))
     return counts, negatives
 
 
