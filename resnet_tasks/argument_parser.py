@@ -12,6 +12,7 @@ import contextvars
 import difflib
 import importlib
 import inspect
+import re
 import types
 import typing
 from collections.abc import Iterator, Sequence
@@ -32,6 +33,9 @@ _GIVEN_ARGS: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("
 LEAF, GROUP, OPEN = "leaf", "group", "open"  # a value; keys below it; anything below it (dicts, callbacks, ...)
 SCALARS = (str, int, float, bool, type(None), Path)
 CONFIG_FLAGS = ("--config", "-c")
+_PARSER_KEY = re.compile(r'^(\s*)(?:error: |- )?Parser key "([^"]+)":')
+_EXPECTED = re.compile(r"Expected a (.+?)(?:\. Got value: (.*))?$")
+_GIVEN_VALUE = re.compile(r"Given value: (.*)$")
 
 
 class StrictArgumentParser(LightningArgumentParser):
@@ -54,7 +58,7 @@ class StrictArgumentParser(LightningArgumentParser):
         given = _GIVEN_ARGS.get()
         if self.exit_on_error and given is not None:  # the parser that reports (inner parsers raise to it)
             try:
-                problem = unknown_key_message(self, given, message)
+                problem = unknown_key_message(self, given, message) or bad_value_message(message, given)
             except Exception:  # a config this diagnosis cannot read: the parser's own message follows
                 problem = None
             if problem is not None:
@@ -254,3 +258,68 @@ def unknown_key_message(parser: ArgumentParser, args: list[str], message: str) -
         hint = f"; did you mean {' or '.join(nearest)}?" if nearest else ""
         return f"unknown key {dash}{given.key} {where}{hint} (`--help` lists every key)"
     return None
+
+
+def _type_names(hints: list[str]) -> str:
+    """jsonargparse's printed types as a user reads them: `one of a, b` (every literal's choices, once), `int`,
+    `null`."""
+    choices, names = [], []
+    for hint in hints:
+        literal = re.fullmatch(r"typing\.Literal\[(.*)\]", hint)
+        if literal:
+            choices += [part.strip().strip("'\"") for part in literal.group(1).split(",")]
+            continue
+        named = re.fullmatch(r"<class '(?:[\w.]+\.)?(\w+)'>", hint)
+        names.append("null" if named and named.group(1) == "NoneType" else named.group(1) if named else hint)
+    listed = [f"one of {', '.join(dict.fromkeys(choices))}"] if choices else []
+    return " or ".join(
+        listed + [name for name in dict.fromkeys(names) if name != "null"] + ["null"] * ("null" in names)
+    )
+
+
+def _sets(data: Any, parts: list[str]) -> bool:
+    """Whether a config's `data` sets the key `parts` (written with or without `init_args`)."""
+    if not parts:
+        return True
+    if not isinstance(data, dict):
+        return False
+    return (parts[0] in data and _sets(data[parts[0]], parts[1:])) or _sets(data.get("init_args"), parts)
+
+
+def _where(key: str, args: Sequence[str]) -> str:
+    """Where the arguments set `key`: "on the command line", "in FILE" (the last config setting it) or ""."""
+    if f"--{key}" in {arg.partition("=")[0] for arg in args}:
+        return " on the command line"
+    files = [path for path in _config_files(args) if _sets(_read_config(path), key.split("."))]
+    return f" in {files[-1]}" if files else ""
+
+
+def bad_value_message(message: str, args: Sequence[str] = ()) -> str | None:
+    """One line for a value the key's type refuses (`message`, the parser's error): the key (nested keys joined),
+    the value, where it was set (in `args`) and what the key takes; None when `message` is not about a value's
+    type."""
+    lines = message.splitlines()
+    keys, start, indent = [], 0, 0
+    for index, line in enumerate(lines):
+        found = _PARSER_KEY.match(line)
+        if found:
+            keys.append(found.group(2))
+            start, indent = index + 1, len(found.group(1))
+    inner = []
+    for line in lines[start:]:
+        if len(line) - len(line.lstrip()) <= indent and line.strip():
+            break
+        inner.append(line.strip().removeprefix("- "))
+    expected, value = [], None
+    for line in inner:
+        found, given = _EXPECTED.match(line), _GIVEN_VALUE.match(line)
+        if found:
+            expected.append(found.group(1))
+            value = found.group(2) if found.group(2) is not None else value
+        elif given and value is None:
+            value = given.group(1)
+    if not keys or not expected or value is None:
+        return None
+    key = ".".join(keys).replace(".init_args.", ".")
+    takes = _type_names(expected)
+    return f"--{key} {value}{_where(key, args)}: not a valid value, it takes {takes} (`--help` lists every key)"
