@@ -8,6 +8,7 @@ import atexit
 import contextlib
 import importlib
 import json
+import logging
 import math
 import os
 import sys
@@ -314,7 +315,7 @@ def parse_config(
             pass
 
     import_components()
-    with arguments_given():
+    with quiet_lightning():
         cli = ConfigOnlyCLI(
             model_class=L.LightningModule,
             datamodule_class=L.LightningDataModule,
@@ -328,12 +329,23 @@ def parse_config(
     return cli.config
 
 
+def _not_a_tip(record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("💡 Tip")
+
+
 @contextlib.contextmanager
-def arguments_given() -> Iterator[None]:
-    """Silences Lightning's warning that `args` is given while sys.argv has arguments too: both are this command's."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
-        yield
+def quiet_lightning() -> Iterator[None]:
+    """Without Lightning's notes that are not about the run: its warning that `args` is given while sys.argv has
+    arguments too (both are this command's), its tips advertising other packages and a deprecation inside it."""
+    tips = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    tips.addFilter(_not_a_tip)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*args parameter is intended to run from within Python.*")
+            warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
+            yield
+    finally:
+        tips.removeFilter(_not_a_tip)
 
 
 def _close_process_group() -> None:
@@ -357,7 +369,7 @@ def run_lightning(command: str, args: list[str]) -> None:
     torch.set_float32_matmul_precision("high")
     UserError.last = None
     try:
-        with arguments_given():
+        with quiet_lightning():
             ResNetTasksCLI(
                 model_class=L.LightningModule,
                 datamodule_class=L.LightningDataModule,

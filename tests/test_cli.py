@@ -11,6 +11,7 @@ import yaml
 
 from resnet_tasks.tasks.classification import ClassificationTask
 from resnet_tasks.tasks.optim import OptimizerConfig, ScheduleFactor, SchedulerConfig
+from tests.conftest import COMMON_TRAINER_ARGS
 
 CONFIGS = sorted(str(p) for p in Path("configs").rglob("*.yaml") if "trainer" not in p.parts)
 TRAINER_PRESETS = sorted(str(p) for p in Path("configs/trainer").glob("*.yaml"))
@@ -51,6 +52,20 @@ def test_backbone_swap_is_one_value(run_cli) -> None:
                                  "--print_config")  # fmt: skip
         assert code == 0, err
         assert yaml.safe_load(out)["model"]["init_args"]["backbone"]["name"] == "resnext50_32x4d"
+
+
+def test_a_run_prints_no_notes_that_are_not_about_it(
+    run_cli, image_folder: Path, tmp_path: Path, recwarn: pytest.WarningsRecorder
+) -> None:
+    """Lightning's advertising tips, its `args` vs sys.argv warning and a deprecation inside it are not shown."""
+    code, out, err = run_cli(
+        "validate", "--config", "configs/quickstart/classification.yaml", "--data.root", image_folder,
+        "--data.num_workers", "0", "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", tmp_path,
+        *COMMON_TRAINER_ARGS,
+    )  # fmt: skip
+    assert code == 0, err
+    assert "metrics written: " in out and "Tip" not in out + err
+    assert not [w for w in recwarn if "args parameter" in str(w.message) or "LeafSpec" in str(w.message)]
 
 
 def test_unknown_backbone_is_one_clear_message(run_cli, image_folder: Path, tmp_path: Path) -> None:
