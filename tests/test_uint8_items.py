@@ -222,9 +222,9 @@ def test_detection_items_are_uint8_and_the_model_input_is_unchanged(tmp_path: Pa
         out = transform(
             image=read_image(ann.image_path(k)), bboxes=ann.boxes[span][keep], labels=ann.labels[span][keep]
         )
-        assert torch.equal(images[k], image_to_tensor(out["image"], as_float=True))  # pixels / 255, exactly
+        assert torch.equal(images[k], image_to_tensor(out["image"]).float() / 255.0)  # pixels / 255, exactly
         assert targets[k]["index"] == k
     image, _ = val[1]
     (moved_image,), _ = moved(data, [val[1]], data.collate(train=False))
     assert image.dtype == torch.uint8 and image.untyped_storage().nbytes() == 3 * 80 * 64  # 1 byte per value
-    assert torch.equal(moved_image, image_to_tensor(read_image(val.annotations.image_path(1)), as_float=True))
+    assert torch.equal(moved_image, image_to_tensor(read_image(val.annotations.image_path(1))).float() / 255.0)

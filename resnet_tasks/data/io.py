@@ -77,11 +77,9 @@ def decode_image(buffer: np.ndarray, path: str | Path) -> np.ndarray:
     return cv2.cvtColor(data, cv2.COLOR_BGR2RGB)
 
 
-def image_to_tensor(image: np.ndarray, *, as_float: bool = False) -> torch.Tensor:
-    """An HxWxC array as a CxHxW tensor of the same dtype (no copy beyond the transpose); with `as_float`, uint8
-    pixels become float32 in [0, 1]."""
-    tensor = torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
-    return tensor.float().div_(255.0) if as_float else tensor
+def image_to_tensor(image: np.ndarray) -> torch.Tensor:
+    """An HxWxC array as a contiguous CxHxW tensor of the same dtype (one copy: the transpose)."""
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
 
 
 def image_size_hw(path: str | Path) -> tuple[int, int]:
