@@ -269,6 +269,9 @@ def _type_names(hints: list[str]) -> str:
         if literal:
             choices += [part.strip().strip("'\"") for part in literal.group(1).split(",")]
             continue
+        if hint.startswith(("path but", "dot import path string")):  # a class-valued key (model, data)
+            names.append("a class name (or class path) or a config file")
+            continue
         named = re.fullmatch(r"<class '(?:[\w.]+\.)?(\w+)'>", hint)
         names.append("null" if named and named.group(1) == "NoneType" else named.group(1) if named else hint)
     listed = [f"one of {', '.join(dict.fromkeys(choices))}"] if choices else []
@@ -322,4 +325,9 @@ def bad_value_message(message: str, args: Sequence[str] = ()) -> str | None:
         return None
     key = ".".join(keys).replace(".init_args.", ".")
     takes = _type_names(expected)
+    suffix = {"model": "Task", "data": "DataModule"}.get(key)
+    if suffix is not None:
+        import resnet_tasks
+
+        takes = takes.removesuffix(" or null") + ": " + ", ".join(n for n in resnet_tasks.__all__ if n.endswith(suffix))
     return f"--{key} {value}{_where(key, args)}: not a valid value, it takes {takes} (`--help` lists every key)"

@@ -163,6 +163,14 @@ def test_a_bad_value_is_one_line_naming_the_key_the_value_and_what_it_takes(run_
     ]
 
 
+def test_an_unknown_class_is_one_line_listing_the_classes(run_cli) -> None:
+    code, out, err = run_cli("fit", "--config", "configs/quickstart/classification.yaml", "--model", "BogusTask")
+    assert code == 2 and _error_lines(err) == [
+        "error: --model BogusTask on the command line: not a valid value, it takes a class name (or class path) or "
+        "a config file: ClassificationTask, DetectionTask, SegmentationTask (`--help` lists every key)"
+    ]
+
+
 def test_schedule_factor_shapes() -> None:
     warm_cos = ScheduleFactor(SchedulerConfig(name="cosine", warmup_steps=10, warmup_factor=0.1), 100, 10, 0.1)
     assert warm_cos(0) == pytest.approx(0.1)
