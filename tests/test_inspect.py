@@ -234,7 +234,7 @@ def test_mask_folders_roboflow_and_camvid(tmp_path: Path) -> None:
     assert all(c["train"] <= 6 for c in data["classes"]) and data["splits"]["val"]["images"] == 3
 
 
-def test_binary_masks_read_with_void_255_are_named(tmp_path: Path) -> None:
+def test_binary_masks_read_with_void_255_are_named(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """0/255 masks (most tools' binary export) with the default void 255 leave nothing to learn: inspect says so and
     how to read them; read as the message says, the object is counted and nothing is void."""
     from resnet_tasks.data.formats.folders import SegmentationFolderDataModule
@@ -254,9 +254,12 @@ def test_binary_masks_read_with_void_255_are_named(tmp_path: Path) -> None:
     assert [problem.file for problem in void] == ["train split", "val split"] and not wrong.blocking
     assert "no mask holds an object class" in void[0].problem and "--data.ignore_index null" in void[0].problem
     assert void[0].problem.split(" and ")[1].startswith("13% of their pixels are void")  # 12 x 14 of 32 x 40
+    said = capsys.readouterr().out  # training says it too, from its first masks, without reading them all
+    assert "the first 4 training masks hold no object class" in said and "--data.ignore_index null" in said
     (tmp_path / "classes.csv").write_text("0,background\n255,crack")  # no trailing newline, as editors leave it
     right = inspect_data(SegmentationFolderDataModule(classes_file="classes.csv", ignore_index=None, **options))
     assert right.problems == [] and right.to_json()["classes"][1] == {"id": 255, "name": "crack", "train": 4, "val": 2}
+    assert "no object class" not in capsys.readouterr().out
 
 
 def test_csv_with_a_held_out_val_split(tmp_path: Path) -> None:

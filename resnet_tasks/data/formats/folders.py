@@ -336,7 +336,26 @@ class SegmentationFolderDataModule(SegmentationDataModule):
                 tell("no test split: test evaluates the val split")
             return self.dataset("val")
         images, masks = self.split_files(key)
-        return self.files_dataset(images, masks, train=key == "train")
+        dataset = self.files_dataset(images, masks, train=key == "train")
+        if key == "train":
+            self._say_if_no_objects(dataset)
+        return dataset
+
+    def _say_if_no_objects(self, dataset: SegmentationDataset, sample: int = 16) -> None:
+        """One line when the first training masks hold void but no object class: 0/255 masks read with void 255."""
+        paths = list(dataset.masks[:sample]) if dataset.masks is not None else []
+        try:
+            maps = [dataset.decode_mask(str(path)) for path in paths]
+        except UserError:
+            return  # a bad mask: reported where it is read
+        first_object = 1 if self.label_space.background else 0
+        objects = any(((m >= first_object) & (m != IGNORE_INDEX)).any() for m in maps)
+        if any((m == IGNORE_INDEX).any() for m in maps) and not objects:
+            tell(
+                f"the first {len(maps)} training masks hold no object class, only void (--data.ignore_index) and "
+                "background: for masks that mark objects with 255 (0/255), pass --data.ignore_index null and a "
+                "--data.classes_file with the rows '0,background' and '255,NAME' (resnet-tasks inspect checks all)"
+            )
 
     def setup(self, stage: str | None = None) -> None:
         super().setup(stage)
