@@ -24,6 +24,7 @@ from resnet_tasks.data.formats.coco import CocoDetectionDataModule, ShapesDetect
 from resnet_tasks.data.formats.coco_segmentation import CocoSegmentationDataModule
 from resnet_tasks.data.formats.voc import VOCDetectionDataModule
 from resnet_tasks.data.formats.voc_segmentation import ShapesSegmentationDataModule, VOCSegmentationDataModule
+from resnet_tasks.errors import UserError
 from tests.conftest import (
     make_detection_voc,
     make_segmentation_voc,
@@ -163,3 +164,12 @@ def test_every_data_module_follows_the_one_loader_pattern() -> None:
         assert issubclass(module, BaseDataModule), module
         for klass in module.__mro__[: module.__mro__.index(BaseDataModule)]:
             assert not loaders & set(vars(klass)), f"{klass.__name__} overrides {loaders & set(vars(klass))}"
+
+
+def test_a_training_split_smaller_than_one_batch_is_one_line(image_folder: Path) -> None:
+    """drop_last would leave no training batch and Lightning would stop at once ("No training batches")."""
+    data = ImageFolderDataModule(root=str(image_folder), batch_size=10_000, num_workers=0)
+    data.setup("fit")
+    with pytest.raises(UserError, match=r"images make no full batch of --data.batch_size 10000 \(per device\)"):
+        data.train_dataloader()
+    assert len(ImageFolderDataModule(root=str(image_folder), batch_size=2, num_workers=0).train_dataloader()) > 0

@@ -243,6 +243,11 @@ def test_unusable_schedules_stop_with_one_line(shapes: Path, tmp_path: Path, run
         assert code != 0
         lines = [line for line in err.strip().splitlines() if "Warning" not in line and "warn" not in line]
         assert message in lines[-1] and len(lines[-1].splitlines()) == 1, err[-2000:]
+    # A smoke test of a recipe (one batch, max_epochs 1) runs whatever epoch the schedule unfreezes at.
+    smoke = ["--model.finetune.strategy", "freeze_then_unfreeze", "--model.finetune.unfreeze_at", "5",
+             "--trainer.fast_dev_run", "true"]  # fmt: skip
+    code, out, err = run_cli("fit", *base, *smoke)
+    assert code == 0, err[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------- 2 DDP ranks

@@ -163,6 +163,11 @@ class BaseDataModule(L.LightningDataModule):
         """The training loader: unreadable images skipped and counted, batches from `train_batch_sampler`,
         positioned where a restored checkpoint left off (the streaming modules read a stream instead)."""
         batch_sampler = self.train_batch_sampler(dataset)
+        if hasattr(batch_sampler, "__len__") and len(batch_sampler) == 0:
+            raise UserError(
+                f"The training split's {len(dataset)} images make no full batch of --data.batch_size "  # type: ignore[arg-type]
+                f"{self.batch_size} (per device): lower --data.batch_size, or add images."
+            )
         resume, self._resume = self._resume, None
         if resume:
             batch_sampler.load_state_dict(resume)

@@ -192,7 +192,9 @@ class TaskBase(L.LightningModule):
         self.load_pretrained(fit=stage == "fit")
         if stage == "fit":
             trainer = self.attached_trainer()
-            self.finetune_config.check_epochs(trainer.max_epochs if trainer is not None else None)
+            # A smoke test (`fast_dev_run`: one batch, max_epochs 1) runs whatever the schedule's epochs.
+            smoke_test = trainer is None or bool(trainer.fast_dev_run)
+            self.finetune_config.check_epochs(None if smoke_test else trainer.max_epochs)
             if self.finetuner is None:  # before DDP wraps the model: it registers what may ever unfreeze
                 self.finetuner = Finetuner(self.backbone_module(), self.finetune_config)
         self.apply_speed_options()
