@@ -245,7 +245,7 @@ def test_unusable_schedules_stop_with_one_line(shapes: Path, tmp_path: Path, run
         assert message in lines[-1] and len(lines[-1].splitlines()) == 1, err[-2000:]
     # A smoke test of a recipe (one batch, max_epochs 1) runs whatever epoch the schedule unfreezes at.
     smoke = ["--model.finetune.strategy", "freeze_then_unfreeze", "--model.finetune.unfreeze_at", "5",
-             "--trainer.fast_dev_run", "true"]  # fmt: skip
+             "--trainer.fast_dev_run", "true", "--data.batch_size", "2"]  # fmt: skip
     code, out, err = run_cli("fit", *base, *smoke)
     assert code == 0, err[-2000:]
 
