@@ -19,6 +19,7 @@ from PIL import Image
 
 from resnet_tasks.data.detection_annotations import DetectionAnnotations
 from resnet_tasks.data.io import EXIF_ORIENTATION_TAG, IMAGE_EXTENSIONS, UnreadableImageError, jpeg_state
+from resnet_tasks.data.segmentation import BINARY_MASKS_HINT
 from resnet_tasks.errors import UserError
 from resnet_tasks.labels import LabelSpace
 
@@ -282,8 +283,7 @@ def segmentation_counts(
     if void and not (counts[1:] if space.background else counts).any():
         what = (
             f"no mask holds an object class and {void / pixels:.0%} of their pixels are void (the --data.ignore_index "
-            "value): for masks that mark objects with 255 (0/255), pass --data.ignore_index null and a "
-            "--data.classes_file with the rows '0,background' and '255,NAME'"
+            f"value): {BINARY_MASKS_HINT}"
         )
         report.problems.append(Problem(f"{view.name} split", what, "void"))
     return counts, negatives

@@ -27,6 +27,11 @@ from resnet_tasks.errors import UserError
 from resnet_tasks.labels import IGNORE_INDEX
 
 # What a segmentation model's output means (the exported model's sidecar says it).
+# What to do when masks mark objects with 255 (0/255) and are read with the default void 255 (said by fit and inspect).
+BINARY_MASKS_HINT = (
+    "for masks that mark objects with 255 (0/255), pass --data.ignore_index null and a --data.classes_file with the "
+    "rows '0,background' and '255,NAME'"
+)
 SEGMENTATION_OUTPUT = (
     "mask: (N, H, W) class indices at the input size. predict resizes the logits back to the original "
     "size before the argmax; resizing this mask with nearest neighbour differs only along class borders."

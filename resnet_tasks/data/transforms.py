@@ -332,8 +332,8 @@ def model_input(
     The items' "erase" boxes (`erase_box`, random erasing) are set to 0 on the normalised image, as torchvision's
     `RandomErasing(value=0)` did, and leave the batch. With an "input_size" (per image (height, width) host pairs:
     evaluation images of different sizes, padded by the collate), the padding beyond each image's input is 0 after
-    normalisation (the mean). A
-    batch whose "image" is not uint8 is returned as it is. No value is read back to the host.
+    normalisation (the mean). A batch whose "image" is not uint8 is returned as it is. No value is read back to the
+    host.
     """
     images = batch.get("image")
     if not isinstance(images, torch.Tensor) or images.dtype != torch.uint8:
@@ -347,6 +347,8 @@ def model_input(
         pixels.masked_fill_(_inside(erase, height, width), 0.0)
     if pixels.ndim == 4:
         for k, (valid_h, valid_w) in enumerate(out.get("input_size") or ()):
+            if (valid_h, valid_w) == (height, width):
+                continue  # not padded (the size-grouped batches never are): no kernel to launch
             pixels[k, :, valid_h:, :] = 0.0
             pixels[k, :, :valid_h, valid_w:] = 0.0
     out["image"] = pixels

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from resnet_tasks.data.io import IMAGE_EXTENSIONS
-from resnet_tasks.data.segmentation import SegmentationDataModule, SegmentationDataset
+from resnet_tasks.data.segmentation import BINARY_MASKS_HINT, SegmentationDataModule, SegmentationDataset
 from resnet_tasks.data.splitting import choose_val_fraction, hold_out, save_val_split, tell
 from resnet_tasks.errors import UserError
 from resnet_tasks.labels import BACKGROUND, IGNORE_INDEX, LabelSpace
@@ -353,8 +353,7 @@ class SegmentationFolderDataModule(SegmentationDataModule):
         if any((m == IGNORE_INDEX).any() for m in maps) and not objects:
             tell(
                 f"the first {len(maps)} training masks hold no object class, only void (--data.ignore_index) and "
-                "background: for masks that mark objects with 255 (0/255), pass --data.ignore_index null and a "
-                "--data.classes_file with the rows '0,background' and '255,NAME' (resnet-tasks inspect checks all)"
+                f"background: {BINARY_MASKS_HINT} (resnet-tasks inspect checks every mask)"
             )
 
     def setup(self, stage: str | None = None) -> None:
